@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tgrl_lib.errors import TgrlError
 from tgrl_lib.schema import Problem
 
 
@@ -194,3 +195,116 @@ def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def sample_dump(scores: list[ProblemScore]) -> list[dict[str, Any]]:
     return [asdict(s) for s in scores]
+
+
+# -------------------------------------------------------------------------------------------- run
+def make_eval_backend(model: str, config: Any) -> Any:
+    """The generation backend `config.backend` over `model` (a directory, `file://` or `s3://` URI)."""
+    if config.backend == "vllm":
+        from tgrl_lib.generation.vllm import VLLMBackend
+        from tgrl_lib.storage import localize
+
+        return VLLMBackend(str(localize(model)), seed=config.seed)
+    import torch
+
+    from tgrl_lib.generation.hf import HFBackend
+
+    device = "cuda" if torch.cuda.is_available() else None
+    return HFBackend.from_pretrained(model, device=device, batch_size=config.batch_size)
+
+
+def generate_benchmark(
+    backend: Any, dataset: Any, config: Any, *, description: str = "eval"
+) -> list[ProblemScore]:
+    """Generate `config.samples` responses per problem in batches of `config.batch_size` and score them."""
+    from tgrl_lib.batching import load_image
+    from tgrl_lib.progress import progress_bar
+    from tgrl_lib.prompts import render_prompt
+
+    processor = getattr(backend, "processor", None)
+    problems = list(dataset.records)[: config.limit] if config.limit else list(dataset.records)
+    scores: list[ProblemScore] = []
+    with progress_bar(description, len(problems)) as advance:
+        for start in range(0, len(problems), config.batch_size):
+            batch = problems[start : start + config.batch_size]
+            prompts = [render_prompt(processor, p.question, p.choices) for p in batch]
+            images = [load_image(dataset.image_path(p)) if p.image else None for p in batch]
+            groups = backend.generate(
+                prompts,
+                images,
+                samples=config.samples,
+                temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens,
+                seed=config.seed + start,
+            )
+            for problem, group in zip(batch, groups, strict=True):
+                lengths = [c.num_tokens for c in group] if all(c.token_ids for c in group) else None
+                scores.append(score_problem(problem, [c.text for c in group], lengths))
+            advance(len(batch))
+    return scores
+
+
+def evaluate(
+    model: str | Path,
+    benchmarks: dict[str, str | Path],
+    config: Any,
+    out_dir: str | Path,
+    *,
+    backend: Any = None,
+) -> dict[str, Any]:
+    """Evaluate `model` on each `{name: problems dataset dir}`; write `results.json`, `report.md`, the PNG
+    plots and `samples_<name>.jsonl` (per-problem scores) into `out_dir`. Returns the `results.json`
+    payload: `{"meta": ..., "benchmarks": {name: {"overall": metrics, "groups": {family: metrics}}}}`.
+
+    `config` is an `EvalConfig`. `backend` overrides the one built from `config.backend` (tests, or a
+    caller that already holds the model)."""
+    import time
+
+    from tgrl_lib.schema import load_dataset
+
+    if not benchmarks:
+        raise TgrlError("nothing to evaluate: give at least one benchmark NAME=DIR")
+    from tgrl_lib.storage import localize
+
+    datasets = {name: load_dataset(localize(str(path)), "problems") for name, path in benchmarks.items()}
+    for name, dataset in datasets.items():
+        if not dataset.records:
+            raise TgrlError(f"benchmark {name!r} has no problems", path=benchmarks[name])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = backend or make_eval_backend(str(model), config)
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for name, dataset in datasets.items():
+        t0 = time.perf_counter()
+        scores = generate_benchmark(backend, dataset, config, description=f"eval {name}")
+        timings[name] = time.perf_counter() - t0
+        results[name] = summarize(scores, config.samples)
+        with open(out / f"samples_{_safe_name(name)}.jsonl", "w", encoding="utf-8") as f:
+            for row in sample_dump(scores):
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+    meta = {
+        "model": str(model),
+        "backend": getattr(backend, "name", config.backend),
+        "samples": config.samples,
+        "temperature": config.temperature,
+        "max_new_tokens": config.max_new_tokens,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "limit": config.limit,
+        "seconds": {name: round(t, 3) for name, t in timings.items()},
+        "datasets": {name: _manifest_sha256(dataset.root) for name, dataset in datasets.items()},
+    }
+    write_report(results, out, meta)
+    return {"meta": meta, "benchmarks": results}
+
+
+def _manifest_sha256(root: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
+
+
+def _safe_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
+    return cleaned or "benchmark"

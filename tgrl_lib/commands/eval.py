@@ -1,0 +1,76 @@
+"""`tgrl eval`: evaluate a model on one or more problem datasets. Argument translation only
+(`tgrl_lib.evaluation.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on benchmarks (accuracy, pass@k, format, length, grounding)",
+        description=(
+            "Generate k responses per problem in batches (hf on CPU, vllm on GPU), score them with the "
+            "training reward's own verifier and write OUT/results.json, OUT/report.md, PNG plots and "
+            "per-problem scores. Metrics per benchmark and per task family: accuracy (avg@k), pass@k, "
+            "format rate, mean response length and, where problems carry facts, the grounding score "
+            "(true / stated visual facts). Greedy with k=1 by default."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model directory, file:// or s3:// URI")
+    parser.add_argument(
+        "--benchmark",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a problems dataset to evaluate on, named NAME in the report (repeatable)",
+    )
+    parser.add_argument("--out", required=True, help="output directory for the report")
+    parser.add_argument("--config", help="recipe YAML (its `eval:` section) or a file of eval keys")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an eval value, e.g. --set samples=8 --set temperature=0.7 (repeatable)",
+    )
+    parser.add_argument("--samples", type=int, help="k samples per problem (eval.samples)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy")
+    parser.add_argument("--max-new-tokens", type=int, help="response budget in tokens")
+    parser.add_argument("--batch-size", type=int, help="problems per generation batch")
+    parser.add_argument("--backend", choices=("hf", "vllm"), help="generation backend (default hf)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N problems of each benchmark")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tgrl_lib.config import EvalConfig, load_config
+    from tgrl_lib.errors import TgrlError
+    from tgrl_lib.evaluation import evaluate, markdown_table
+
+    benchmarks: dict[str, str] = {}
+    for item in args.benchmark:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise TgrlError(
+                f"--benchmark {item!r} must be NAME=DIR", hint="e.g. --benchmark synthetic=data/test"
+            )
+        if name in benchmarks:
+            raise TgrlError(f"--benchmark name {name!r} given twice")
+        benchmarks[name] = path
+    flags = {
+        "samples": args.samples,
+        "temperature": args.temperature,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "backend": args.backend,
+        "limit": args.limit,
+    }
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    config = load_config(args.config, EvalConfig, overrides, section="eval")
+    results = evaluate(args.model, benchmarks, config, args.out)
+    print(markdown_table(results["benchmarks"]), end="")
+    print(f"tgrl eval: report in {args.out}/report.md, results in {args.out}/results.json")
+    return 0
