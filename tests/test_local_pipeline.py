@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tgrl_lib import evaluation
 from tgrl_lib.cli import main
 from tgrl_lib.local_run import local_recipe
 
@@ -39,10 +38,6 @@ def test_local_recipe_points_mlflow_into_the_work_dir(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(
-    not hasattr(evaluation, "evaluate"),
-    reason="TODO(issue 5): the evaluate step needs tgrl_lib.evaluation.evaluate, not landed yet",
-)
 def test_local_pipeline_registers_a_version_and_writes_the_report(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths of the recipe resolve here, not in the repo
     work = tmp_path / "runs"

@@ -287,7 +287,11 @@ def train(
         with step_run(cfg, pipeline_run_id, "train") as run:
             run.log_config(tcfg, section="train")
             result = run_training(
-                tcfg, problems_dir=problems_dir, experts_dir=experts, logger=run.metrics_logger()
+                tcfg,
+                problems_dir=problems_dir,
+                experts_dir=experts,
+                logger=run.metrics_logger(),
+                on_step=_print_progress(tcfg.steps),
             )
             _move_into(Path(result.final_dir), out_dir)
             out = {"steps_done": float(result.steps_done)}
@@ -296,6 +300,19 @@ def train(
             run.log_artifacts([Path(scratch) / "metrics.jsonl"], "train")  # the per-step table, kept
             publish(pipeline_run_id, "train", {"checkpoint": out_dir}, checkpoint=True)
     return out
+
+
+def _print_progress(total: int) -> Any:
+    """A trainer `on_step` that prints about ten lines per run (the task log is all a KFP user sees)."""
+    every = max(1, total // 10)
+    shown = ("reward/mean", "reward/accuracy", "loss/total", "perf/step_time_s")
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if step % every == 0 or step == total:
+            parts = "  ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics)
+            print(f"train step {step}/{total}  {parts}", flush=True)
+
+    return on_step
 
 
 def _evaluate_into(
