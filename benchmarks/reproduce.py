@@ -1,0 +1,469 @@
+"""Reproduction benchmark: TGRL against its baselines and ablations on the synthetic visual benchmark.
+
+One command regenerates the whole table (resumable: every arm x seed result is its own JSON file, a rerun
+skips finished ones and a half-trained run continues from its newest checkpoint):
+
+    .venv/bin/python benchmarks/reproduce.py --jobs 2                      # the tiny CPU recipe, 3 seeds
+    .venv/bin/python benchmarks/reproduce.py --quick                       # 1 seed, few steps (development)
+    .venv/bin/python benchmarks/reproduce.py --recipe benchmarks/configs/repro-qwen2.5-vl-3b.yaml --jobs 1
+
+Protocol: the synthetic benchmark's train split for training and its test split (unseen images) for the
+held-out numbers; the oracle expert with injected faults writes the raw expert trajectories, the recipe's
+filter list turns them into the filtered ones. Per seed, every arm starts from the same model (the tiny
+model initialised with that seed, optionally after a short SFT warm start shared by all arms) and gets the
+same number of optimizer updates (`reproduce.steps`; SFT-then-GRPO splits it). Held-out accuracy, grounding
+and format rate come from `tgrl_lib.evaluation.evaluate` (greedy), at the end and every `curve_every`
+updates (the learning curves). The arms and the one switch each changes are `ARMS` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+DEFAULT_RECIPE = REPO / "benchmarks" / "configs" / "repro-tiny-cpu.yaml"
+TRAIN_KEYS = ("reward/mean", "reward/accuracy", "reward/format", "expert/prob_mean", "loss/sft")
+TRAIN_KEYS += ("response/length_mean", "perf/step_time_s")
+EVAL_KEYS = ("accuracy", "format_rate", "grounding", "facts_stated_mean", "length_mean")
+
+
+# ------------------------------------------------------------------------------------------- arms
+@dataclass(frozen=True)
+class Stage:
+    """One `train` call: `share` of the arm's update budget with `algorithm` on `experts` (or none)."""
+
+    algorithm: str  # sft | grpo | tgrl
+    share: float  # fraction of reproduce.steps
+    experts: str | None  # "filtered" (after the recipe's filters) | "raw" (oracle output, faults in) | None
+    changes: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys on top of the recipe's train
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    title: str
+    switches: str  # what differs from TGRL full, for the results file
+    stages: tuple[Stage, ...] = ()
+
+
+NO_WEIGHTS = {"weighting": {"kind": "none"}}
+NO_FILTER = {"in_loop_filter": {"require_verified": False}}
+ARMS = {
+    a.name: a
+    for a in (
+        Arm("untrained", "untrained", "no training: the start model evaluated as is"),
+        Arm(
+            "sft",
+            "SFT on expert trajectories",
+            "sft loss on the filtered expert trajectories, no rollouts, no token weights",
+            (Stage("sft", 1.0, "filtered", NO_WEIGHTS),),
+        ),
+        Arm(
+            "grpo",
+            "GRPO",
+            "no expert trajectories (n_expert 0), no token weights",
+            (Stage("grpo", 1.0, None, NO_WEIGHTS),),
+        ),
+        Arm(
+            "sft_grpo",
+            "SFT then GRPO",
+            "first half of the budget as `sft`, second half as `grpo` from the SFT model",
+            (Stage("sft", 0.5, "filtered", NO_WEIGHTS), Stage("grpo", 0.5, None, NO_WEIGHTS)),
+        ),
+        Arm(
+            "luffy",
+            "mixing + shaping only (LUFFY-style)",
+            "no token weights and no trajectory filtering (raw experts, in-loop verified check off)",
+            (Stage("tgrl", 1.0, "raw", NO_WEIGHTS | NO_FILTER),),
+        ),
+        Arm(
+            "tgrl",
+            "TGRL full",
+            "mixing + shaping + visual-dependency token weights + filtered experts",
+            (Stage("tgrl", 1.0, "filtered"),),
+        ),
+        Arm(
+            "tgrl_no_reweight",
+            "TGRL without token reweighting",
+            "weighting.kind none",
+            (Stage("tgrl", 1.0, "filtered", NO_WEIGHTS),),
+        ),
+        Arm(
+            "tgrl_no_filter",
+            "TGRL without trajectory filtering",
+            "raw experts (faults in, no offline filters), in-loop verified check off",
+            (Stage("tgrl", 1.0, "raw", NO_FILTER),),
+        ),
+    )
+}
+
+
+# ----------------------------------------------------------------------------------------- recipe
+class WarmStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(ge=1, description="SFT updates on the filtered experts before any arm (not budgeted).")
+    problems_per_step: int | None = Field(None, ge=1, description="None = the recipe's train value.")
+    lr: float | None = Field(None, gt=0, description="None = the recipe's train.lr.")
+
+
+class ReproduceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(
+        "tiny", description="'tiny' = build_tiny(seed) per seed; else a model dir for all seeds."
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2], description="Seeds (init, sampling, data order)."
+    )
+    steps: int = Field(ge=2, description="Optimizer updates of every trained arm.")
+    curve_every: int = Field(ge=1, description="Held-out evaluation every N updates (learning curves).")
+    warm_start: WarmStart | None = Field(None, description="Shared SFT warm start per seed, or none.")
+    arms: list[str] = Field(default_factory=lambda: list(ARMS), description="Arms to run.")
+
+
+@dataclass
+class Recipe:
+    path: Path
+    pipeline: Any  # tgrl_lib.config.PipelineConfig (data, generate, filter, train, eval)
+    repro: ReproduceConfig
+
+    @property
+    def fingerprint(self) -> str:
+        """What a result depends on (seeds and the arm list excluded): results of another recipe never mix."""
+        import hashlib
+
+        keys = self.pipeline.model_dump(mode="json", include={"data", "generate", "filter", "train", "eval"})
+        repro = self.repro.model_dump(mode="json", exclude={"seeds", "arms"})
+        blob = json.dumps({"pipeline": keys, "reproduce": repro}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def load_recipe(path: Path, quick: bool) -> Recipe:
+    import yaml
+
+    from tgrl_lib.config import PipelineConfig, deep_merge
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    section = data.pop("reproduce")
+    quick_section = section.pop("quick", {}) or {}
+    if quick:  # reproduce keys, and `pipeline:` overrides of the other sections
+        data = deep_merge(data, quick_section.get("pipeline", {}))
+        section = deep_merge(section, {k: v for k, v in quick_section.items() if k != "pipeline"})
+    repro = ReproduceConfig.model_validate(section)
+    unknown = [a for a in repro.arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    return Recipe(path, PipelineConfig.model_validate(data), repro)
+
+
+# ------------------------------------------------------------------------------------- data + start
+def prepare_data(recipe: Recipe, work: Path) -> dict[str, Path]:
+    """Splits, raw oracle trajectories (faults injected) and the filtered ones; skipped when present."""
+    from tgrl_lib.datasets.synthetic import synthesize_splits
+    from tgrl_lib.filtering import run_filters
+    from tgrl_lib.generation.run import generate_trajectories
+
+    d = recipe.pipeline.data
+    paths = data_paths(work)
+    if not (paths["test"] / "manifest.json").exists():
+        shutil.rmtree(work / "data", ignore_errors=True)
+        synthesize_splits(work / "data", d.n_train, d.n_test, d.seed, image_size=d.image_size,
+                          families=d.families, difficulties=d.difficulties)  # fmt: skip
+    if not (paths["raw"] / "manifest.json").exists():
+        generate_trajectories(paths["train"], paths["raw"], recipe.pipeline.generate)
+    if not (paths["filtered"] / "manifest.json").exists():
+        report = run_filters(
+            paths["raw"], paths["filtered"], work / "experts_rejected", recipe.pipeline.filter
+        )
+        print(f"filtered experts: {report.kept} kept of {report.input}", flush=True)
+    return paths
+
+
+def start_model(recipe: Recipe, work: Path, seed: int, paths: dict[str, Path]) -> dict[str, Any]:
+    """The model every arm of `seed` starts from: the seeded init, then the warm start if configured."""
+    from tgrl_lib.models import build_tiny
+
+    seed_dir = work / f"seed{seed}"
+    init = seed_dir / "init"
+    if recipe.repro.model == "tiny":
+        if not (init / "model.safetensors").exists():
+            build_tiny(init, seed=seed, image_size=recipe.pipeline.data.image_size)
+    else:
+        init = Path(recipe.repro.model)
+    info: dict[str, Any] = {"init": str(init), "start": str(init), "warm_start_s": 0.0}
+    warm = recipe.repro.warm_start
+    if warm is not None:
+        t0 = time.perf_counter()
+        changes = {"problems_per_step": warm.problems_per_step, "lr": warm.lr} | NO_WEIGHTS
+        changes = {k: v for k, v in changes.items() if v is not None}
+        stage = Stage("sft", 1.0, "filtered", changes)
+        out = seed_dir / "warm_start"
+        result = run_stage(recipe, stage, init, out, seed, warm.steps, paths)
+        info |= {"start": str(result), "warm_start_s": time.perf_counter() - t0}
+    return info
+
+
+# ------------------------------------------------------------------------------------------ training
+def stage_config(recipe: Recipe, stage: Stage, model: Path, out: Path, seed: int, steps: int) -> Any:
+    from tgrl_lib.config import TrainConfig, deep_merge
+
+    base = recipe.pipeline.train.model_dump(mode="json")
+    fixed = {
+        "algorithm": stage.algorithm,
+        "model": str(model),
+        "output_dir": str(out),
+        "seed": seed,
+        "steps": steps,
+        "checkpoint_every": min(recipe.repro.curve_every, steps),
+        "keep_checkpoints": 10_000,  # every curve point stays until it is evaluated
+        "resume": "auto",
+    }
+    data = deep_merge(deep_merge(base, stage.changes), fixed)
+    if stage.algorithm == "grpo":
+        data["mixing"] = {**data["mixing"], "n_expert": 0}
+    return TrainConfig.model_validate(data)
+
+
+def run_stage(
+    recipe: Recipe, stage: Stage, model: Path, out: Path, seed: int, steps: int, paths: dict[str, Path]
+) -> Path:
+    from tgrl_lib.trainer import train
+
+    config = stage_config(recipe, stage, model, out, seed, steps)
+    experts = paths[stage.experts] if stage.experts else None
+    return train(config, problems_dir=paths["train"], experts_dir=experts).final_dir
+
+
+def held_out(recipe: Recipe, model: Path, test: Path, out: Path) -> dict[str, Any]:
+    """Greedy held-out metrics of `model` (cached in `out/summary.json`)."""
+    from tgrl_lib.evaluation import evaluate
+
+    cached = out / "summary.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    result = evaluate(model, {"synthetic": test}, recipe.pipeline.eval, out)["benchmarks"]["synthetic"]
+    summary = {k: result["overall"].get(k) for k in EVAL_KEYS}
+    summary["families"] = {g: m["accuracy"] for g, m in result["groups"].items()}
+    cached.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def train_metrics(out: Path, offset: int) -> list[dict[str, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [
+        {"step": r["step"] + offset} | {k: r[k] for k in TRAIN_KEYS if k in r} for r in rows if r["step"] > 0
+    ]
+
+
+def run_arm(recipe_path: str, quick: bool, work: str, results: str, arm_name: str, seed: int) -> str:
+    """Train (all stages) and evaluate one arm for one seed; writes and returns its result JSON path."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("REPRO_THREADS", "1")))
+    recipe, work_dir, arm = load_recipe(Path(recipe_path), quick), Path(work), ARMS[arm_name]
+    target = Path(results) / f"{arm_name}-seed{seed}.json"
+    paths = data_paths(work_dir)
+    start = json.loads((work_dir / f"seed{seed}" / "start.json").read_text())
+    t0 = time.perf_counter()
+    run_dir = work_dir / f"seed{seed}" / arm_name
+    model, offset = Path(start["start"]), 0
+    curve = [{"step": 0} | held_out(recipe, model, paths["test"], work_dir / f"seed{seed}" / "eval_start")]
+    train_rows: list[dict[str, float]] = []
+    stages = []
+    budget = recipe.repro.steps
+    for i, stage in enumerate(arm.stages):
+        steps = round(budget * stage.share) if i < len(arm.stages) - 1 else budget - offset
+        out = run_dir / f"stage{i}-{stage.algorithm}"
+        final = run_stage(recipe, stage, model, out, seed, steps, paths)
+        train_rows += train_metrics(out, offset)
+        for ckpt in sorted(out.glob("step-*")):
+            step = int(ckpt.name.split("-")[1])
+            curve.append(
+                {"step": offset + step} | held_out(recipe, ckpt, paths["test"], out / f"eval-{ckpt.name}")
+            )
+        stages.append({"algorithm": stage.algorithm, "steps": steps, "experts": stage.experts,
+                       "changes": stage.changes})  # fmt: skip
+        model, offset = final, offset + steps
+    final_metrics = curve[-1]
+    extra = {}
+    if not arm.stages and start["init"] != start["start"]:  # also the random init, for reference
+        extra["random_init"] = held_out(recipe, Path(start["init"]), paths["test"], run_dir / "eval_init")
+    payload = {
+        "arm": arm_name,
+        "seed": seed,
+        "recipe": recipe.path.name,
+        "fingerprint": recipe.fingerprint,
+        "quick": quick,
+        "updates": offset,
+        "start": {k: start[k] for k in ("init", "start")},
+        "stages": stages,
+        "final": {k: v for k, v in final_metrics.items() if k != "step"},
+        "curve": curve,
+        "train": train_rows,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    } | extra
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(target)
+    for stage_dir in run_dir.glob("stage*"):  # keep metrics, evals and the final model; drop checkpoints
+        for ckpt in stage_dir.glob("step-*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return str(target)
+
+
+def data_paths(work: Path) -> dict[str, Path]:
+    return {
+        "train": work / "data" / "train",
+        "test": work / "data" / "test",
+        "raw": work / "experts_raw",
+        "filtered": work / "experts_filtered",
+    }
+
+
+def prepare_seed(recipe_path: str, quick: bool, work: str, seed: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("REPRO_THREADS", "1")))
+    recipe, work_dir = load_recipe(Path(recipe_path), quick), Path(work)
+    marker = work_dir / f"seed{seed}" / "start.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    info = start_model(recipe, work_dir, seed, data_paths(work_dir))
+    marker.write_text(json.dumps(info, indent=1))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- main
+def machine() -> dict[str, str]:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="Benchmark recipe (YAML).")
+    p.add_argument("--quick", action="store_true", help="The recipe's quick settings (1 seed, few steps).")
+    p.add_argument("--jobs", type=int, default=2, help="Arms trained in parallel processes.")
+    p.add_argument(
+        "--work", type=Path, default=None, help="Working directory (default runs/reproduce[-quick])."
+    )
+    p.add_argument("--results", type=Path, default=None,
+                   help="Results directory (default benchmarks/results; --quick: WORK/results).")  # fmt: skip
+    p.add_argument("--arms", nargs="*", default=None, help="Subset of arms (default: the recipe's).")
+    p.add_argument(
+        "--seeds", nargs="*", type=int, default=None, help="Subset of seeds (default: the recipe's)."
+    )
+    p.add_argument("--report-only", action="store_true", help="Rewrite the report from the finished runs.")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from reproduce_report import write_report
+
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TGRL_PROGRESS", "0")
+    recipe = load_recipe(args.recipe, args.quick)
+    name = args.recipe.stem + ("-quick" if args.quick else "")
+    work = (args.work or REPO / "runs" / f"reproduce-{name}").resolve()
+    results = (
+        args.results or (work / "results" if args.quick else REPO / "benchmarks" / "results")
+    ).resolve()
+    runs_dir = results / f"reproduction_runs-{name}" if args.quick else results / "reproduction_runs"
+    arms = args.arms or recipe.repro.arms
+    if args.seeds:
+        recipe.repro.seeds = args.seeds
+    check_fingerprint(recipe, work, runs_dir)
+    command = " ".join(["python", *map(shlex.quote, [os.path.relpath(__file__, REPO), *sys.argv[1:]])])
+    t0 = time.time()
+    done = 0
+    try:
+        if not args.report_only:
+            work.mkdir(parents=True, exist_ok=True)
+            paths = prepare_data(recipe, work)
+            common = (str(args.recipe), args.quick, str(work))
+            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=_spawn()) as pool:
+                list(pool.map(prepare_seed, *zip(*[(*common, s) for s in recipe.repro.seeds], strict=True)))
+                todo = [
+                    (arm, seed)
+                    for seed in recipe.repro.seeds
+                    for arm in arms
+                    if not (runs_dir / f"{arm}-seed{seed}.json").exists()
+                ]
+                print(f"{len(todo)} arm/seed runs to do: {todo}", flush=True)
+                futures = {
+                    pool.submit(run_arm, *common, str(runs_dir), arm, seed): (arm, seed) for arm, seed in todo
+                }
+                for future, (arm, seed) in futures.items():
+                    path = future.result()
+                    done += 1
+                    print(f"[{time.time() - t0:7.0f}s] done {arm} seed {seed} -> {path}", flush=True)
+            del paths
+    finally:
+        _log_invocation(runs_dir, command, time.time() - t0, done, args)
+        md = write_report(recipe, runs_dir, results, name, machine(), ARMS, work)
+        print(f"report: {md}", flush=True)
+    return 0
+
+
+def check_fingerprint(recipe: Recipe, work: Path, runs_dir: Path) -> None:
+    """Refuse to continue a work or results directory that another recipe (version) wrote."""
+    stamp = work / "fingerprint.txt"
+    if stamp.exists() and stamp.read_text().strip() != recipe.fingerprint:
+        raise SystemExit(
+            f"{work} was made by another version of the recipe (fingerprint {stamp.read_text().strip()}, "
+            f"now {recipe.fingerprint}): delete it and {runs_dir}, or pass --work/--results elsewhere"
+        )
+    for path in sorted(runs_dir.glob("*-seed*.json")):
+        if json.loads(path.read_text()).get("fingerprint") != recipe.fingerprint:
+            raise SystemExit(
+                f"{path} comes from another version of the recipe: delete {runs_dir} to start over"
+            )
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(recipe.fingerprint + "\n")
+
+
+def _spawn() -> Any:
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
+
+
+def _log_invocation(runs_dir: Path, command: str, seconds: float, done: int, args: Any) -> None:
+    if args.report_only:
+        return
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - seconds))
+    entry = {"command": command, "started": began,
+             "wall_s": round(seconds, 1), "runs_finished": done, "jobs": args.jobs}  # fmt: skip
+    with open(runs_dir / "invocations.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

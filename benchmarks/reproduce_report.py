@@ -1,0 +1,347 @@
+"""The report of `benchmarks/reproduce.py`: table (mean ± std over seeds and the raw per-seed numbers),
+paired comparisons against TGRL full, learning curves (PNG), machine, versions, wall time, and the
+hand-written reading (`benchmarks/configs/reproduction_reading.md`, included verbatim when present)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+READING = Path(__file__).resolve().parent / "configs" / "reproduction_reading.md"
+METRICS = (("accuracy", "accuracy"), ("grounding", "grounding"), ("format_rate", "format rate"))
+REFERENCE = "tgrl"
+
+
+def load_runs(runs_dir: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    runs = {}
+    for path in sorted(runs_dir.glob("*-seed*.json")):
+        payload = json.loads(path.read_text())
+        runs[(payload["arm"], payload["seed"])] = payload
+    return runs
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def chance_baselines(work: Path) -> dict[str, float]:
+    """Accuracy without looking at the image: the train split's most frequent answer per question type
+    (blind prior), and uniform guessing among the choices (integer questions count 0)."""
+    train, test = work / "data" / "train" / "records.jsonl", work / "data" / "test" / "records.jsonl"
+    if not (train.exists() and test.exists()):
+        return {}
+    rows = {
+        s: [json.loads(x) for x in p.read_text().splitlines() if x] for s, p in (("tr", train), ("te", test))
+    }
+
+    def kind(p: dict[str, Any]) -> str:
+        return (
+            json.dumps(p["meta"].get("task", {}), sort_keys=True)
+            if "k" in p["meta"].get("task", {})
+            else (p["meta"].get("task", {}).get("op", "?"))
+        )
+
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for p in rows["tr"]:
+        answers[kind(p)][p["answer"]] += 1
+    hits = [
+        bool(answers[kind(p)]) and answers[kind(p)].most_common(1)[0][0] == p["answer"] for p in rows["te"]
+    ]
+    uniform = [1 / len(p["choices"]) if p.get("choices") else 0.0 for p in rows["te"]]
+    return {"blind_prior": statistics.mean(hits), "uniform_choice": statistics.mean(uniform)}
+
+
+# --------------------------------------------------------------------------------------------- plots
+def plot_curves(runs: dict, arms: dict, order: list[str], chance: dict[str, float], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in order:
+        seeds = [r for (a, _), r in sorted(runs.items()) if a == name and len(r["curve"]) > 1]
+        if not seeds:
+            continue
+        steps = [p["step"] for p in seeds[0]["curve"]]
+        for ax, key in zip(axes, ("accuracy", "grounding"), strict=True):
+            values = [[p.get(key) or 0.0 for p in r["curve"]] for r in seeds if len(r["curve"]) == len(steps)]
+            mean = [statistics.mean(v) for v in zip(*values, strict=True)]
+            ax.plot(steps, mean, marker="o", ms=3, label=f"{arms[name].title} (n={len(values)})")
+            ax.fill_between(
+                steps,
+                [min(v) for v in zip(*values, strict=True)],
+                [max(v) for v in zip(*values, strict=True)],
+                alpha=0.12,
+            )
+    for ax, key in zip(axes, ("held-out accuracy", "held-out grounding (true / stated facts)"), strict=True):
+        ax.set_xlabel("optimizer updates (after the warm start)")
+        ax.set_ylabel(key)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    if "blind_prior" in chance:
+        axes[0].axhline(chance["blind_prior"], color="k", ls="--", lw=1, label="blind prior (no image)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Held-out learning curves (mean over seeds; band = min..max)")
+    fig.tight_layout()
+    paths.append(out / "reproduction_curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in order:
+        seeds = [r for (a, _), r in sorted(runs.items()) if a == name and r["train"]]
+        for ax, key in zip(axes, ("reward/accuracy", "expert/prob_mean"), strict=True):
+            series = _mean_series(seeds, key)
+            if series:
+                ax.plot(*zip(*series, strict=True), label=arms[name].title, lw=1.2)
+    axes[0].set_ylabel("on-policy rollout accuracy (train, 10-step mean)")
+    axes[1].set_ylabel("mean probability of expert tokens (train)")
+    for ax in axes:
+        ax.set_xlabel("optimizer updates")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Training curves from the trainer's metrics (mean over seeds)")
+    fig.tight_layout()
+    paths.append(out / "reproduction_train.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _mean_series(seeds: list[dict], key: str, window: int = 10) -> list[tuple[int, float]]:
+    per_step: dict[int, list[float]] = defaultdict(list)
+    for run in seeds:
+        for row in run["train"]:
+            if key in row:
+                per_step[row["step"]].append(row[key])
+    steps = sorted(per_step)
+    means = [statistics.mean(per_step[s]) for s in steps]
+    return [(s, statistics.mean(means[max(0, i - window + 1) : i + 1])) for i, s in enumerate(steps)]
+
+
+# ------------------------------------------------------------------------------------------ markdown
+def results_table(runs: dict, arms: dict, order: list[str]) -> list[str]:
+    lines = [
+        "| arm | seeds | accuracy | grounding | format rate | facts stated / response |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in order:
+        finals = [r["final"] for (a, _), r in sorted(runs.items()) if a == name]
+        if not finals:
+            lines.append(f"| {arms[name].title} | 0 | not run | | | |")
+            continue
+        cells = [mean_std([f.get(k) or 0.0 for f in finals]) for k, _ in METRICS]
+        cells.append(mean_std([f.get("facts_stated_mean") or 0.0 for f in finals]))
+        lines.append(f"| {arms[name].title} | {len(finals)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def per_seed_table(runs: dict, arms: dict, order: list[str]) -> list[str]:
+    lines = [
+        "| arm | seed | accuracy | grounding | format rate | facts stated | updates | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in order:
+        for (a, seed), r in sorted(runs.items()):
+            if a != name:
+                continue
+            f = r["final"]
+            lines.append(
+                f"| {arms[name].title} | {seed} | {f.get('accuracy', 0):.3f} | "
+                f"{f.get('grounding') or 0:.3f} | "
+                f"{f.get('format_rate', 0):.3f} | {f.get('facts_stated_mean') or 0:.2f} | {r['updates']} | "
+                f"{r['wall_s']:.0f} |"
+            )
+    return lines
+
+
+def family_table(runs: dict, arms: dict, order: list[str]) -> list[str]:
+    families = sorted({g for r in runs.values() for g in r["final"].get("families", {})})
+    lines = ["| arm | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    for name in order:
+        finals = [r["final"] for (a, _), r in sorted(runs.items()) if a == name]
+        if finals:
+            cells = [f"{statistics.mean(f['families'].get(g, 0.0) for f in finals):.3f}" for g in families]
+            lines.append(f"| {arms[name].title} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def comparisons(runs: dict, arms: dict, order: list[str]) -> list[str]:
+    """TGRL full minus each arm, paired by seed (same start model)."""
+    lines = [
+        "| TGRL full minus | seeds | Δ accuracy (mean) | per seed | TGRL higher | Δ grounding (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in order:
+        if name == REFERENCE:
+            continue
+        seeds = sorted(s for (a, s) in runs if a == name and (REFERENCE, s) in runs)
+        if not seeds:
+            continue
+        acc = [
+            runs[(REFERENCE, s)]["final"]["accuracy"] - runs[(name, s)]["final"]["accuracy"] for s in seeds
+        ]
+        grd = [
+            (runs[(REFERENCE, s)]["final"].get("grounding") or 0)
+            - (runs[(name, s)]["final"].get("grounding") or 0)
+            for s in seeds
+        ]
+        wins = sum(d > 0 for d in acc)
+        lines.append(
+            f"| {arms[name].title} | {len(seeds)} | {statistics.mean(acc):+.3f} | "
+            f"{', '.join(f'{d:+.3f}' for d in acc)} | {wins}/{len(seeds)} | {statistics.mean(grd):+.3f} |"
+        )
+    return lines
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
+def write_report(
+    recipe: Any, runs_dir: Path, results: Path, name: str, machine: dict, arms: dict, work: Path
+) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    runs = {k: v for k, v in load_runs(runs_dir).items() if v.get("fingerprint") == recipe.fingerprint}
+    order = [a for a in recipe.repro.arms if a in arms]
+    expected = [(a, s) for s in recipe.repro.seeds for a in order]
+    missing = [k for k in expected if k not in runs]
+    chance = chance_baselines(work)
+    plots = plot_curves(runs, arms, order, chance, results)
+    invocations = []
+    if (runs_dir / "invocations.jsonl").exists():
+        invocations = [json.loads(x) for x in (runs_dir / "invocations.jsonl").read_text().splitlines() if x]
+    start = next((r for (a, _), r in sorted(runs.items()) if a == "untrained"), None)
+    summary = {
+        "recipe": recipe.path.name,
+        "fingerprint": recipe.fingerprint,
+        "complete": not missing,
+        "missing": missing,
+        "machine": machine,
+        "chance": chance,
+        "invocations": invocations,
+        "arms": {
+            n: {k: [r["final"].get(k) for (a, _), r in sorted(runs.items()) if a == n] for k, _ in METRICS}
+            | {"seeds": [s for (a, s) in sorted(runs) if a == n]}
+            for n in order
+        },
+    }
+    (results / "reproduction.json").write_text(json.dumps(summary, indent=1) + "\n")
+    r = recipe.repro
+    t, d = recipe.pipeline.train, recipe.pipeline.data
+    warm = (
+        f"an SFT warm start of {r.warm_start.steps} updates x "
+        f"{r.warm_start.problems_per_step or t.problems_per_step} "
+        "problems on the filtered experts (per seed, shared by all arms, not counted in the budget)"
+        if r.warm_start
+        else "the model as initialised (no warm start)"
+    )
+    wall = sum(i["wall_s"] for i in invocations)
+    runs_text = ", ".join(f"{i['wall_s'] / 60:.1f} min, jobs {i['jobs']}" for i in invocations)
+    commands = list(dict.fromkeys(i["command"] for i in invocations)) or ["(no training invocation recorded)"]
+    status = "complete" if not missing else f"PARTIAL: {len(expected) - len(missing)} of {len(expected)} runs"
+    out = [
+        f"# Reproduction: TGRL vs baselines and ablations ({status})",
+        "",
+        "Generated by `benchmarks/reproduce.py` (do not edit by hand; the reading comes from "
+        "`benchmarks/configs/reproduction_reading.md`).",
+        "",
+        "## Command, machine, wall time",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        f"- machine: {machine['cpu']}; GPU: {machine['gpu']}; {machine['platform']}",
+        f"- versions: python {machine['python']}, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}",
+        f"- wall time: {wall / 60:.1f} min over {len(invocations)} invocation(s) "
+        f"({runs_text}); the machine's "
+        "2 cores were shared with other work during the run, so times are upper bounds",
+        f"- recipe: `{_shown(recipe.path)}` (fingerprint {recipe.fingerprint})",
+    ]
+    if missing:
+        out += [
+            "",
+            f"**Partial**: missing runs {missing}. The script is resumable: rerun the same command to finish "
+            "them (finished runs are skipped, an interrupted run continues from its newest checkpoint).",
+        ]
+    out += [
+        "",
+        "## Protocol",
+        "",
+        f"- data: synthetic benchmark, {d.n_train} train problems, {d.n_test} held-out test problems (unseen "
+        f"images), difficulties {d.difficulties}, families {d.families or 'all four'}, "
+        f"{d.image_size} px images",
+        f"- experts: the oracle with fault_rate {recipe.pipeline.generate.fault_rate} "
+        f"({recipe.pipeline.generate.samples_per_problem} per problem) = *raw*; the recipe's "
+        f"{len(recipe.pipeline.filter.filters)} filters applied to them = *filtered*",
+        f"- model: `{r.model}` (tiny = the 0.68M-parameter Qwen2.5-VL-shaped model, initialised with the "
+        "seed); "
+        f"every arm of a seed starts from {warm}",
+        f"- budget: {r.steps} optimizer updates per trained arm (one update per step: minibatch = whole "
+        "batch); "
+        f"{t.problems_per_step} problems per update; RL arms sample G={t.group_size} at temperature "
+        f"{t.temperature}, max {t.max_new_tokens} new tokens; SFT uses the same problems per update with one "
+        f"expert trajectory each; lr {t.lr}, token-mean loss, clip {t.loss.clip}, shaping gamma "
+        f"{t.loss.shaping_gamma}, reward = correct + {t.format_reward} x format",
+        "- evaluation: `tgrl_lib.evaluation.evaluate`, greedy, max "
+        f"{recipe.pipeline.eval.max_new_tokens} new "
+        f"tokens, on the test split, after every {r.curve_every} updates and at the end",
+        f"- seeds {r.seeds}: the seed sets the model init (and so the warm start), the rollout sampling and "
+        "the data order; the dataset and the expert trajectories are the same for all seeds",
+        "",
+        "## Arms",
+        "",
+        "| arm | stages (algorithm x share of budget, experts) | differs from TGRL full by |",
+        "|---|---|---|",
+    ]
+    for n in order:
+        a = arms[n]
+        stages = (
+            "; ".join(f"{s.algorithm} x {s.share:g} ({s.experts or 'no experts'})" for s in a.stages) or "-"
+        )
+        out.append(f"| {a.title} (`{n}`) | {stages} | {a.switches} |")
+    out += ["", "## Results (held-out test split, final model)", "", "mean ± sample std over seeds.", ""]
+    out += results_table(runs, arms, order)
+    if chance:
+        out += [
+            "",
+            f"Reference points without the image: the train split's most frequent answer per question "
+            f"type scores **{chance['blind_prior']:.3f}** on the test split (blind prior); uniform guessing "
+            f"among the choices scores {chance['uniform_choice']:.3f} (integer questions count 0).",
+        ]
+    if start is not None and start.get("random_init"):
+        ri = start["random_init"]
+        out += [
+            "",
+            f"The randomly initialised model (before the warm start), seed {start['seed']}: accuracy "
+            f"{ri.get('accuracy', 0):.3f}, format rate {ri.get('format_rate', 0):.3f}, grounding "
+            f"{ri.get('grounding') or 0:.3f}.",
+        ]
+    out += ["", "### Raw per-seed numbers", ""] + per_seed_table(runs, arms, order)
+    out += ["", "### Accuracy per task family (mean over seeds)", ""] + family_table(runs, arms, order)
+    out += ["", "### TGRL full against each arm (paired by seed)", ""] + comparisons(runs, arms, order)
+    out += ["", "## Learning curves", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    out += [
+        "",
+        "Raw results: `reproduction.json` (summary) and one JSON per arm and seed in "
+        f"`{runs_dir.name}/` (final metrics, held-out curve, the trainer's per-step metrics).",
+    ]
+    out += ["", "## Reading", ""]
+    out += [READING.read_text().strip()] if READING.exists() else ["(no reading written yet)"]
+    path = results / "reproduction.md"
+    path.write_text("\n".join(out) + "\n")
+    return path
