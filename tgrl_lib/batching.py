@@ -144,37 +144,61 @@ def collate_sequences(
     if len(responses) != len(prompts):
         raise TgrlError(f"{len(prompts)} prompts but {len(responses)} responses")
     _check_images(processor, prompts, images)
+    source, firsts = _distinct_prompts(prompts, images)  # [B] -> row of `firsts`; a group's G rows share one
     enc = processor(
-        text=list(prompts),
-        images=list(images) if images is not None else None,
+        text=[prompts[i] for i in firsts],
+        images=[images[i] for i in firsts] if images is not None else None,
         padding=True,
         padding_side="right",
         return_tensors="pt",
     )
     tokenizer = getattr(processor, "tokenizer", processor)
     response_ids = response_token_ids(tokenizer, responses, max_response_tokens)
-    prompt_len = enc["attention_mask"].sum(-1).tolist()  # [B]
+    prompt_len = enc["attention_mask"].sum(-1)[source].tolist()  # [B]
     width = max(p + len(r) for p, r in zip(prompt_len, response_ids, strict=True))
     B = len(prompts)
     input_ids = torch.full((B, width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T]
     attention_mask = torch.zeros((B, width), dtype=torch.long)  # [B, T]
     response_mask = torch.zeros((B, width), dtype=torch.long)  # [B, T]
     mm_types = torch.zeros((B, width), dtype=torch.long) if "mm_token_type_ids" in enc else None  # [B, T]
-    for b, (p, ids) in enumerate(zip(prompt_len, response_ids, strict=True)):
-        input_ids[b, :p] = enc["input_ids"][b, :p]
+    for b, (p, ids, u) in enumerate(zip(prompt_len, response_ids, source, strict=True)):
+        input_ids[b, :p] = enc["input_ids"][u, :p]
         input_ids[b, p : p + len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[b, : p + len(ids)] = 1
         response_mask[b, p : p + len(ids)] = 1
         if mm_types is not None:
-            mm_types[b, :p] = enc["mm_token_type_ids"][b, :p]
+            mm_types[b, :p] = enc["mm_token_type_ids"][u, :p]
+    pixel_values, grid = enc.get("pixel_values"), enc.get("image_grid_thw")
+    if pixel_values is not None and grid is not None and len(firsts) < B:
+        patches = grid.prod(-1)  # [U]  patches per distinct image
+        starts = torch.cumsum(patches, 0) - patches  # [U]
+        pixel_values = torch.cat([pixel_values[int(starts[u]) : int(starts[u] + patches[u])] for u in source])
+        grid = grid[source]  # [B, 3]
     return SequenceBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         response_mask=response_mask,
-        pixel_values=enc.get("pixel_values"),
-        image_grid_thw=enc.get("image_grid_thw"),
+        pixel_values=pixel_values,
+        image_grid_thw=grid,
         mm_token_type_ids=mm_types,
     )
+
+
+def _distinct_prompts(
+    prompts: Sequence[str], images: Sequence[Image.Image] | None
+) -> tuple[list[int], list[int]]:
+    """Rows with the same prompt and the same image object are processed once: (for each row the index of
+    its distinct pair, the first row of each distinct pair). The processor's output for a row does not
+    depend on the other rows (padding is cut off), so the collated tensors are the same either way."""
+    seen: dict[tuple[str, int], int] = {}
+    source, firsts = [], []
+    for i, prompt in enumerate(prompts):
+        key = (prompt, id(images[i]) if images is not None else 0)
+        if key not in seen:
+            seen[key] = len(firsts)
+            firsts.append(i)
+        source.append(seen[key])
+    return source, firsts
 
 
 # ------------------------------------------------------------------------------------- log-probs
@@ -258,8 +282,13 @@ def response_logprobs(
 # ----------------------------------------------------------------------------------------- images
 def blank_images(images: Sequence[Image.Image], fill: int = 0) -> list[Image.Image]:
     """Uniform images (black by default, as VPPO blackens patches) of the same sizes, so a blanked
-    forward has exactly the same image-token layout as the real one."""
-    return [Image.new("RGB", image.size, (fill, fill, fill)) for image in images]
+    forward has exactly the same image-token layout as the real one. Images of one size share one blank
+    image object (collation then processes it once per prompt); treat them as read-only."""
+    blanks: dict[tuple[int, int], Image.Image] = {}
+    for image in images:
+        if image.size not in blanks:
+            blanks[image.size] = Image.new("RGB", image.size, (fill, fill, fill))
+    return [blanks[image.size] for image in images]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
