@@ -165,6 +165,7 @@ def prune(output_dir: Path, keep: int) -> None:
         if path.is_dir() and (partial or incomplete):
             shutil.rmtree(path)
     for _, path in complete_checkpoints(output_dir)[:-keep]:
+        (path / COMPLETE).unlink()  # first: a kill inside rmtree leaves an incomplete (unread) directory
         shutil.rmtree(path)
 
 

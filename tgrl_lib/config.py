@@ -307,12 +307,34 @@ def load_config(
     """Load a recipe (or one `section` of it) into `model`, applying `--set` overrides on top."""
     data = read_yaml(path) if path is not None else {}
     if section is not None:
-        data = data.get(section, {}) or {}
+        data = _section(data, section, path)
     data = deep_merge(data, parse_overrides(overrides))
     try:
         return model.model_validate(data)
     except ValidationError as err:
         raise TgrlError(_format_validation(err, str(path or "--set"))) from None
+
+
+def _section(data: dict[str, Any], section: str, path: Path | str | None) -> dict[str, Any]:
+    """`data[section]` of a recipe, refusing unknown sections (a misspelt one would be silently ignored) and
+    a section that is not a mapping; `data` itself when it holds no known section (a file of section keys,
+    which `model` validates)."""
+    sections = set(PipelineConfig.model_fields)
+    if section not in data and not set(data) & sections:
+        return data
+    unknown = sorted(str(key) for key in set(data) - sections)
+    if unknown:
+        raise TgrlError(
+            f"unknown section(s) {', '.join(unknown)}",
+            path=path,
+            hint=f"sections: {', '.join(sorted(sections))}",
+        )
+    value = data.get(section)
+    if value is not None and not isinstance(value, dict):
+        raise TgrlError(
+            f"section {section!r} must be a mapping of keys, got {type(value).__name__}", path=path
+        )
+    return value or {}
 
 
 def dump_config(config: BaseModel) -> str:

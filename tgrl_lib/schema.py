@@ -119,9 +119,12 @@ RECORD_TYPES: dict[str, type[_Record]] = {
 
 
 def check_relative_path(value: str) -> PurePosixPath:
-    """Refuse absolute paths, backslashes, drive letters and `..` (no escaping the dataset)."""
+    """Refuse absolute paths, backslashes, drive letters, `..` (no escaping the dataset) and control
+    characters (a NUL cannot name a file)."""
     if not value or value.startswith(("/", "\\")) or "\\" in value or ":" in value.split("/")[0]:
         raise ValueError(f"path {value!r} must be relative to the dataset directory")
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError(f"path {value!r} holds control characters")
     path = PurePosixPath(value)
     if any(part in ("..", "") for part in path.parts) or str(path) != value.rstrip("/"):
         raise ValueError(f"path {value!r} may not contain '..' or empty parts")
@@ -204,6 +207,9 @@ def iter_jsonl(path: Path, model: type[_Record]) -> Iterator[tuple[int, _Record 
             if not isinstance(obj, dict):
                 yield number, RowError(name, number, "expected a JSON object", text)
                 continue
+            if "\\u" in text and not _encodable(json.dumps(obj, ensure_ascii=False)):
+                yield number, RowError(name, number, LONE_SURROGATE, text)
+                continue
             try:
                 yield number, model.model_validate(obj)
             except ValidationError as err:
@@ -212,6 +218,36 @@ def iter_jsonl(path: Path, model: type[_Record]) -> Iterator[tuple[int, _Record 
 
 def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
+
+
+LONE_SURROGATE = (
+    "invalid Unicode: the row holds an unpaired surrogate (\\ud800-\\udfff), which UTF-8 cannot hold"
+)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _writable_line(record: _Record) -> str:
+    """`dumps_record(record)`; a `Rejected` whose record holds unpaired surrogates keeps it as ASCII-escaped
+    raw JSON (a hostile row is kept, not lost); any other such record is refused with a clear error."""
+    line = dumps_record(record)
+    if _encodable(line):
+        return line
+    if isinstance(record, Rejected):
+        raw = record.raw if record.record is None else json.dumps(record.record, ensure_ascii=True)
+        escaped = {
+            "record": None,
+            "raw": (raw or "").encode("utf-8", "backslashreplace").decode("utf-8"),
+            "reason": record.reason.encode("utf-8", "backslashreplace").decode("utf-8"),
+        }
+        return dumps_record(record.model_copy(update=escaped))
+    raise TgrlError(f"cannot write a {type(record).__name__} record: {LONE_SURROGATE}")
 
 
 @dataclass
@@ -392,7 +428,7 @@ class DatasetWriter:
         for record in records:
             if not isinstance(record, expected):
                 raise TgrlError(f"cannot write {type(record).__name__} into a {self.kind} dataset")
-            lines.append(dumps_record(record) + "\n")
+            lines.append(_writable_line(record) + "\n")
         self._handle.write("".join(lines))
         self._handle.flush()
         if sync:
