@@ -32,6 +32,7 @@ class SampleScore:
     length: int
     stated: int = 0
     true_facts: int = 0
+    text: str = ""  # the response, kept in samples_<benchmark>.jsonl
 
 
 @dataclass
@@ -54,7 +55,9 @@ def score_problem(problem: Problem, texts: list[str], lengths: list[int] | None 
     score = ProblemScore(problem.id, problem_group(problem), has_facts=bool(problem.facts))
     for i, text in enumerate(texts):
         length = lengths[i] if lengths is not None else len(text.split())
-        sample = SampleScore(correct=verify(text, problem), formatted=has_valid_format(text), length=length)
+        sample = SampleScore(
+            correct=verify(text, problem), formatted=has_valid_format(text), length=length, text=text
+        )
         if problem.facts:
             result = check_claims(extract_claims(text), problem.facts)
             sample.stated, sample.true_facts = result.stated, result.true
@@ -198,6 +201,9 @@ def sample_dump(scores: list[ProblemScore]) -> list[dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------- run
+REPORT_FILES = ("results.json", "report.md", "accuracy.png", "accuracy_vs_grounding.png")
+
+
 def make_eval_backend(model: str, config: Any) -> Any:
     """The generation backend `config.backend` over `model` (a directory, `file://` or `s3://` URI)."""
     if config.backend == "vllm":
@@ -213,22 +219,44 @@ def make_eval_backend(model: str, config: Any) -> Any:
     return HFBackend.from_pretrained(model, device=device, batch_size=config.batch_size)
 
 
+def prompt_processor(backend: Any, model: str) -> Any:
+    """The processor whose chat template renders the prompts: the backend's own (hf), else the model's
+    (vllm holds only a tokenizer inside its engine)."""
+    processor = getattr(backend, "processor", None)
+    if processor is not None:
+        return processor
+    from tgrl_lib.models import _load_processor
+    from tgrl_lib.storage import localize
+
+    path = Path(localize(str(model)))
+    try:
+        return _load_processor(path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise TgrlError(f"cannot load the processor (chat template) of the model: {err}", path=path) from err
+
+
 def generate_benchmark(
-    backend: Any, dataset: Any, config: Any, *, description: str = "eval"
+    backend: Any, dataset: Any, config: Any, *, processor: Any = None, description: str = "eval"
 ) -> list[ProblemScore]:
-    """Generate `config.samples` responses per problem in batches of `config.batch_size` and score them."""
+    """Generate `config.samples` responses per problem in batches of `config.batch_size` and score them.
+    Prompts are rendered with `processor` (default: the backend's own)."""
     from tgrl_lib.batching import load_image
     from tgrl_lib.progress import progress_bar
     from tgrl_lib.prompts import render_prompt
 
-    processor = getattr(backend, "processor", None)
+    processor = processor if processor is not None else getattr(backend, "processor", None)
+    if processor is None:
+        raise TgrlError(
+            f"backend {getattr(backend, 'name', backend)!r} has no processor to render prompts with",
+            hint="pass processor= (the model's AutoProcessor)",
+        )
     problems = list(dataset.records)[: config.limit] if config.limit else list(dataset.records)
     scores: list[ProblemScore] = []
     with progress_bar(description, len(problems)) as advance:
         for start in range(0, len(problems), config.batch_size):
             batch = problems[start : start + config.batch_size]
             prompts = [render_prompt(processor, p.question, p.choices) for p in batch]
-            images = [load_image(dataset.image_path(p)) if p.image else None for p in batch]
+            images = [load_image(dataset.image_path(p)) for p in batch]
             groups = backend.generate(
                 prompts,
                 images,
@@ -237,11 +265,45 @@ def generate_benchmark(
                 max_new_tokens=config.max_new_tokens,
                 seed=config.seed + start,
             )
+            if len(groups) != len(batch) or any(len(g) != config.samples for g in groups):
+                raise TgrlError(
+                    f"backend {getattr(backend, 'name', '?')!r} returned {[len(g) for g in groups]} "
+                    f"completions for {len(batch)} prompts x {config.samples} samples"
+                )
             for problem, group in zip(batch, groups, strict=True):
                 lengths = [c.num_tokens for c in group] if all(c.token_ids for c in group) else None
                 scores.append(score_problem(problem, [c.text for c in group], lengths))
             advance(len(batch))
     return scores
+
+
+def _load_benchmarks(benchmarks: dict[str, str | Path]) -> dict[str, Any]:
+    """Each benchmark's problems dataset, refused when it is empty or has unreadable rows (a score over a
+    silently smaller set would not be the benchmark's score)."""
+    from tgrl_lib.schema import load_dataset
+    from tgrl_lib.storage import localize
+
+    if not benchmarks:
+        raise TgrlError("nothing to evaluate: give at least one benchmark NAME=DIR")
+    files: dict[str, str] = {}
+    for name in benchmarks:
+        other = files.setdefault(_safe_name(name), name)
+        if other != name:
+            raise TgrlError(f"benchmark names {other!r} and {name!r} would share samples_{_safe_name(name)}")
+    datasets = {}
+    for name, path in benchmarks.items():
+        dataset = load_dataset(localize(str(path)), "problems")
+        rows = [e for e in dataset.errors if e.line > 0]  # line 0: a manifest count note, not a row
+        if rows:
+            raise TgrlError(
+                f"benchmark {name!r}: {len(rows)} problem row(s) are unreadable, first: {rows[0]}",
+                path=dataset.root,
+                hint=f"fix or drop them (`tgrl data validate {dataset.root}`)",
+            )
+        if not dataset.records:
+            raise TgrlError(f"benchmark {name!r} has no problems", path=dataset.root)
+        datasets[name] = dataset
+    return datasets
 
 
 def evaluate(
@@ -253,36 +315,28 @@ def evaluate(
     backend: Any = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on each `{name: problems dataset dir}`; write `results.json`, `report.md`, the PNG
-    plots and `samples_<name>.jsonl` (per-problem scores) into `out_dir`. Returns the `results.json`
-    payload: `{"meta": ..., "benchmarks": {name: {"overall": metrics, "groups": {family: metrics}}}}`.
+    plots and `samples_<name>.jsonl` (per-problem scores and responses) into `out_dir`, replacing what an
+    earlier evaluation wrote there. Returns the `results.json` payload:
+    `{"meta": ..., "benchmarks": {name: {"overall": metrics, "groups": {family: metrics}}}}`.
 
     `config` is an `EvalConfig`. `backend` overrides the one built from `config.backend` (tests, or a
-    caller that already holds the model)."""
+    caller that already holds the model); prompts use its `processor`, else the model's."""
     import time
 
-    from tgrl_lib.schema import load_dataset
-
-    if not benchmarks:
-        raise TgrlError("nothing to evaluate: give at least one benchmark NAME=DIR")
-    from tgrl_lib.storage import localize
-
-    datasets = {name: load_dataset(localize(str(path)), "problems") for name, path in benchmarks.items()}
-    for name, dataset in datasets.items():
-        if not dataset.records:
-            raise TgrlError(f"benchmark {name!r} has no problems", path=benchmarks[name])
+    datasets = _load_benchmarks(benchmarks)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     backend = backend or make_eval_backend(str(model), config)
+    processor = prompt_processor(backend, str(model))
     results: dict[str, Any] = {}
+    scores: dict[str, list[ProblemScore]] = {}
     timings: dict[str, float] = {}
     for name, dataset in datasets.items():
         t0 = time.perf_counter()
-        scores = generate_benchmark(backend, dataset, config, description=f"eval {name}")
+        scores[name] = generate_benchmark(
+            backend, dataset, config, processor=processor, description=f"eval {name}"
+        )
         timings[name] = time.perf_counter() - t0
-        results[name] = summarize(scores, config.samples)
-        with open(out / f"samples_{_safe_name(name)}.jsonl", "w", encoding="utf-8") as f:
-            for row in sample_dump(scores):
-                f.write(json.dumps(row, sort_keys=True) + "\n")
+        results[name] = summarize(scores[name], config.samples)
     meta = {
         "model": str(model),
         "backend": getattr(backend, "name", config.backend),
@@ -295,6 +349,13 @@ def evaluate(
         "seconds": {name: round(t, 3) for name, t in timings.items()},
         "datasets": {name: _manifest_sha256(dataset.root) for name, dataset in datasets.items()},
     }
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*(out / f for f in REPORT_FILES), *out.glob("samples_*.jsonl")]:
+        stale.unlink(missing_ok=True)  # an earlier run's plot or benchmark must not pass for this one's
+    for name, items in scores.items():
+        with open(out / f"samples_{_safe_name(name)}.jsonl", "w", encoding="utf-8") as f:
+            for row in sample_dump(items):
+                f.write(json.dumps(row, sort_keys=True) + "\n")
     write_report(results, out, meta)
     return {"meta": meta, "benchmarks": results}
 
