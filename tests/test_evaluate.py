@@ -164,7 +164,7 @@ def test_hand_built_responses_are_scored_exactly(hand_built, tiny_model_dir, tmp
     assert [s["text"] for s in rows[1]["samples"]] == [t for t, _ in RESPONSES["Which bar is the tallest?"]]
     assert (rows[0]["samples"][0]["stated"], rows[0]["samples"][0]["true_facts"]) == (3, 3)
     report = (out / "report.md").read_text()
-    assert "| hand | all | 3 | 0.500 | 1.000 | 0.500 | 8.333 | 0.667 | 1.500 |" in report
+    assert "| hand | (overall) | 3 | 0.500 | 1.000 | 0.500 | 8.333 | 0.667 | 1.500 |" in report
     reading = report.split("| hand | reading | ")[1].splitlines()[0]
     assert reading.endswith("| 0.500 | 1.000 | 0.000 | 1.000 | - | - |")  # no grounding without facts
     for plot in ("accuracy.png", "accuracy_vs_grounding.png"):
@@ -240,7 +240,7 @@ def test_tiny_model_report_files_and_groups(synthetic, hand_built, tiny_model_di
     assert all(1 <= s["length"] <= 12 and isinstance(s["text"], str) for r in rows for s in r["samples"])
     report = (out / "report.md").read_text()
     assert report.startswith(f"# Evaluation of `{tiny_model_dir}`")
-    assert all(f"| synthetic | {f} |" in report for f in families) and "| hand | all |" in report
+    assert all(f"| synthetic | {f} |" in report for f in families) and "| hand | (overall) |" in report
     assert (out / "accuracy.png").read_bytes().startswith(PNG)
     assert (out / "accuracy_vs_grounding.png").read_bytes().startswith(PNG)
 
@@ -300,7 +300,7 @@ def test_cli_eval(synthetic, tiny_model_dir, tmp_path, capsys):
             "--limit", "3", "--max-new-tokens", "6", "--set", "batch_size=2"]  # fmt: skip
     assert tgrl(argv) == 0
     printed = capsys.readouterr().out
-    assert "| syn | all | 3 |" in printed and f"tgrl eval: report in {out}/report.md" in printed
+    assert "| syn | (overall) | 3 |" in printed and f"tgrl eval: report in {out}/report.md" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["max_new_tokens"] == 6 and results["meta"]["batch_size"] == 2
 

@@ -66,7 +66,7 @@ def test_summary_groups_and_reports(tmp_path):
     assert set(results["synthetic"]["groups"]) == {"count", "chart"}
     assert results["synthetic"]["groups"]["chart"]["accuracy"] == 0.0
     table = markdown_table(results)
-    assert "| synthetic | all |" in table and "| synthetic | chart |" in table
+    assert "| synthetic | (overall) |" in table and "| synthetic | chart |" in table
     paths = write_report(results, tmp_path, {"model": "m", "samples": 2})
     assert json.loads(paths["results"].read_text())["benchmarks"]["synthetic"]["overall"]["count"] == 3
     assert paths["accuracy"].stat().st_size > 1000 and paths["accuracy_vs_grounding"].exists()

@@ -114,17 +114,17 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     )
     lines = ["| benchmark | group | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for bench, result in results.items():
-        rows = [("all", result["overall"])] + list(result["groups"].items())
+        rows = [("(overall)", result["overall"])] + list(result["groups"].items())
         for group, metrics in rows:
-            cells = [_cell(metrics.get(c)) for c in columns]
+            cells = [_cell(metrics.get(c), integer=c == "count") for c in columns]
             lines.append(f"| {bench} | {group} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: float | None) -> str:
+def _cell(value: float | None, *, integer: bool = False) -> str:
     if value is None:
         return "-"
-    return f"{int(value)}" if float(value).is_integer() and value > 1 else f"{value:.3f}"
+    return f"{int(value)}" if integer or (float(value).is_integer() and value > 1) else f"{value:.3f}"
 
 
 def write_plots(results: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
