@@ -49,15 +49,25 @@ class TrainingState:
 
     def tensors(self) -> dict[str, Any]:
         """{"optimizer", "scheduler", "rng"} state dicts, loaded with `torch.load(weights_only=True)`."""
+        import pickle
+
         import torch
 
-        try:
-            return {
-                name: torch.load(self.path / f"{name}.pt", weights_only=True, map_location="cpu")
-                for name in ("optimizer", "scheduler", "rng")
-            }
-        except (OSError, RuntimeError) as err:
-            raise TgrlError(f"cannot read the checkpoint's training state: {err}", path=self.path) from err
+        tensors = {}
+        for name in ("optimizer", "scheduler", "rng"):
+            path = self.path / f"{name}.pt"
+            try:
+                tensors[name] = torch.load(path, weights_only=True, map_location="cpu")
+            except pickle.UnpicklingError:
+                raise TgrlError(
+                    "refusing training state that is not plain tensors and values (loaded with "
+                    "torch.load(weights_only=True), which never runs code from a checkpoint)",
+                    path=path,
+                ) from None
+            except (OSError, RuntimeError, EOFError) as err:
+                reason = str(err) or type(err).__name__
+                raise TgrlError(f"cannot read the checkpoint's training state: {reason}", path=path) from err
+        return tensors
 
 
 def step_dir(output_dir: Path, step: int) -> Path:

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except TgrlError as err:
         from tgrl_lib.config import scrub
 
-        print(f"tgrl {args.command}: error: {scrub(str(err))}", file=sys.stderr)
+        text = " ".join(line.strip() for line in scrub(str(err)).splitlines() if line.strip())
+        print(f"tgrl {args.command}: error: {text}", file=sys.stderr)  # one line, whatever the message
         return 2
     except KeyboardInterrupt:
         print(f"tgrl {args.command}: interrupted", file=sys.stderr)
