@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tgrl_lib.batching import SequenceBatch, blank_images, collate_sequences, response_logprobs
+from tgrl_lib.batching import (
+    SequenceBatch,
+    blank_images,
+    collate_sequences,
+    response_logprobs,
+    shared_prefix_logprobs,
+)
 from tgrl_lib.config import TrainConfig
 from tgrl_lib.losses import TGRLLoss, accumulation_totals, sft_loss
 from tgrl_lib.rollout import Group, derived_seed
@@ -85,7 +91,8 @@ def build_batch(
 def batched_logprobs(
     model: Any, seq: SequenceBatch, micro_batch_size: int, *, with_entropy: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """`response_logprobs` of the whole batch in micro-batches, no grad: ([B, T], [B, T] | None)."""
+    """`response_logprobs` of the whole batch in micro-batches, no grad: ([B, T], [B, T] | None).
+    Rows sharing a prompt (a group's G samples) encode it once (`shared_prefix_logprobs`)."""
     B, T = seq.input_ids.shape
     logprobs = torch.zeros((B, T), dtype=torch.float32)
     entropy = torch.zeros((B, T), dtype=torch.float32) if with_entropy else None
@@ -93,7 +100,8 @@ def batched_logprobs(
     for start in range(0, B, micro_batch_size):
         rows = torch.arange(start, min(start + micro_batch_size, B))
         part = seq.select(rows).to(device)
-        lp, ent = response_logprobs(model, part, with_entropy=with_entropy)  # [b, w]
+        shared = shared_prefix_logprobs(model, part, with_entropy=with_entropy)
+        lp, ent = shared if shared is not None else response_logprobs(model, part, with_entropy=with_entropy)
         logprobs[rows, : lp.shape[1]] = lp.float().cpu()
         if entropy is not None and ent is not None:
             entropy[rows, : ent.shape[1]] = ent.float().cpu()
