@@ -69,39 +69,65 @@ def checkpoint_model() -> Any:
 
 
 def _open_image(value: Any) -> Any:
+    """A request's image: a file path (size-checked by `batching.load_image`) or raw / base64 bytes, whose
+    header size is checked against the same pixel limit before anything is decoded."""
     import base64
     import io
 
     from PIL import Image
 
-    if isinstance(value, bytes):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    text = str(value)
-    if Path(text).is_file():
-        return Image.open(text).convert("RGB")
+    from tgrl_lib.batching import DEFAULT_MAX_PIXELS, load_image
+
+    if not isinstance(value, bytes):
+        text = str(value)
+        if Path(text).is_file():
+            return load_image(text)
+        try:
+            value = base64.b64decode(text, validate=True)
+        except ValueError as err:
+            raise TgrlError(f"image {text[:60]!r} is neither a file nor base64 image bytes") from err
     try:
-        return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
-    except ValueError as err:
-        raise TgrlError(f"image {text[:60]!r} is neither a file nor base64 image bytes") from err
+        image = Image.open(io.BytesIO(value))
+        width, height = image.size
+    except (OSError, Image.DecompressionBombError) as err:
+        raise TgrlError(f"request image is not a readable image: {err}") from None
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise TgrlError(f"request image is {width}x{height} pixels, over the {DEFAULT_MAX_PIXELS:,} limit")
+    return image.convert("RGB")
+
+
+def _choices(row: dict[str, Any]) -> list[str] | None:
+    """A row's choices as a list of strings (a DataFrame gives arrays, or NaN where a row has none)."""
+    value = row.get("choices")
+    if value is None or isinstance(value, float | str):
+        return None
+    return [str(c) for c in value] or None
 
 
 def generate_answers(policy: Any, rows: list[dict[str, Any]], max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers of `policy` (`models.Policy`) to `[{"question", "image"}]`, one row at a time so
-    that padding cannot change an answer."""
-    import torch
+    """Greedy answers of `policy` (`models.Policy`) to `[{"question", "image", "choices"?}]` with the
+    training prompt (system prompt, lettered choices), batched by the hf backend (greedy batched answers
+    equal one-at-a-time ones: tests/test_evaluate.py). Rows with and without an image go in separate
+    batches."""
+    from tgrl_lib.generation.hf import HFBackend
+    from tgrl_lib.prompts import render_prompt
 
-    model, processor = policy.model, policy.processor
-    answers = []
-    for row in rows:
-        image = _open_image(row["image"]) if row.get("image") is not None else None
-        content = [{"type": "image"}] if image is not None else []
-        messages = [{"role": "user", "content": [*content, {"type": "text", "text": str(row["question"])}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-        new_tokens = out[0, inputs["input_ids"].shape[1] :]  # [T_new]
-        answers.append(processor.tokenizer.decode(new_tokens, skip_special_tokens=True))
+    backend = HFBackend(policy.model, policy.processor)
+    answers: list[str] = [""] * len(rows)
+    for with_image in (True, False):
+        index = [i for i, row in enumerate(rows) if (row.get("image") is not None) == with_image]
+        if not index:
+            continue
+        prompts = [
+            render_prompt(
+                policy.processor, str(rows[i]["question"]), _choices(rows[i]), with_image=with_image
+            )
+            for i in index
+        ]
+        images = [_open_image(rows[i]["image"]) for i in index] if with_image else None
+        groups = backend.generate(prompts, images, samples=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        for i, group in zip(index, groups, strict=True):
+            answers[i] = group[0].text
     return answers
 
 
