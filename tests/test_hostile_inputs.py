@@ -270,6 +270,26 @@ def test_generate_rejects_bad_problem_rows_and_generates_for_the_rest(problems, 
     assert "1 generated, 3 rejected" in stdout
 
 
+def test_an_expert_answer_utf8_cannot_hold_stops_generate_in_one_line(problems, tmp_path):
+    """A hostile expert server answering with an unpaired surrogate: a clear error, nothing readable (not
+    yet a per-sample rejection: docs/SECURITY.md, known limits)."""
+    from tgrl_lib.config import GenerateConfig
+    from tgrl_lib.generation.base import Completion
+    from tgrl_lib.generation.factory import Expert
+    from tgrl_lib.generation.run import generate_trajectories
+
+    class Hostile:
+        name = "hostile"
+
+        def generate(self, prompts, images, *, samples, temperature, max_new_tokens, seed):
+            return [[Completion(text="<think>\ud800</think><answer>1</answer>")] * samples for _ in prompts]
+
+    expert = Expert(Hostile(), prompt=lambda problem: problem, needs_images=True)
+    with pytest.raises(TgrlError, match="unpaired surrogate") as info:
+        generate_trajectories(problems, tmp_path / "t", GenerateConfig(), backend=expert)
+    assert "\n" not in str(info.value) and not (tmp_path / "t" / MANIFEST).exists()
+
+
 def test_empty_datasets_give_empty_outputs_and_are_refused_where_they_are_consumed(
     problems, pid, tiny_model_dir, tmp_path, capsys
 ):
@@ -590,6 +610,7 @@ def test_corpus_counts(record_property):
         "validate rows": len(VALIDATE_ROWS) + 1,  # + the escaping symlink
         "validate datasets": len(VALIDATE_FATAL),
         "generate rows": 3,
+        "expert answers": 1,
         "empty datasets": 4,
         "filter rows": 7,
         "eval inputs": len(EVAL_FATAL) + 2,

@@ -12,18 +12,30 @@ The env names are those the code and its libraries read: `AWS_ACCESS_KEY_ID`, `A
 `AWS_SESSION_TOKEN` (boto3, `tgrl_lib.s3`), `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`/
 `MLFLOW_TRACKING_TOKEN` (MLflow basic auth, read by MLflow itself), `OPENAI_API_KEY` (`generate.api_key_env`
 default), `HF_TOKEN` (transformers). The user name is not a secret: MLflow records it as `mlflow.user`.
+
+MLflow basic auth: steps reach an auth-protected server with the credentials from the environment alone, and
+a wrong password is a one-line error that does not show it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
 import urllib.parse
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from tgrl_lib.errors import TgrlError
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [  # as tests/test_local_pipeline.py, smaller where the run allows
@@ -148,3 +160,95 @@ def test_no_secret_reaches_logs_reports_files_or_mlflow(tmp_path, record_propert
     record_property("secrets_checked", len(SECRETS))
     record_property("files_scanned", scanned)
     print(f"\nsecrets: {len(SECRETS)} dummy secrets x 4 encodings, {scanned} files, {counts}: 0 leaks")
+
+
+# ------------------------------------------------------------------------------- MLflow basic auth
+@contextlib.contextmanager
+def basic_auth_proxy(upstream: str, user: str, password: str):
+    """A loopback proxy in front of the real MLflow server that demands HTTP basic auth on every path
+    but /health, as MLflow's basic-auth app does (whose Flask-WTF extra this environment lacks). Yields
+    (url, Authorization headers seen)."""
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    seen: list[str] = []
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    hop = {"host", "authorization", "connection", "content-length", "transfer-encoding"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            if not self.path.startswith("/health"):
+                seen.append(self.headers.get("Authorization") or "")
+                if seen[-1] != expected:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+            request = urllib.request.Request(upstream + self.path, body, headers, method=self.command)
+            try:
+                with opener.open(request, timeout=60) as response:
+                    status, reply, data = response.status, response.headers, response.read()
+            except urllib.error.HTTPError as err:
+                status, reply, data = err.code, err.headers, err.read()
+            self.send_response(status)
+            for key, value in reply.items():
+                if key.lower() not in hop | {"server", "date"}:
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.slow
+def test_mlflow_basic_auth_credentials_come_from_the_environment(mlflow_server, monkeypatch):
+    """Steps log to an auth-protected server with MLFLOW_TRACKING_USERNAME/PASSWORD from the env (nothing in
+    the recipe); a wrong password is a clear error in bounded time that never shows the password."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tgrl_lib import tracking
+    from tgrl_lib.config import PipelineConfig, TrackingConfig
+
+    password = SECRETS["MLFLOW_TRACKING_PASSWORD"]
+    previous = (mlflow.get_tracking_uri(), list(tracking._CURRENT_URI))
+    try:
+        with basic_auth_proxy(mlflow_server, USER, password) as (url, seen):
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+            recipe = PipelineConfig(
+                tracking=TrackingConfig(tracking_uri=url, experiment=f"auth-{uuid.uuid4().hex[:8]}")
+            )
+            assert password not in recipe.model_dump_json()
+            with tracking.Tracker(recipe).step_run(uuid.uuid4().hex[:12], "train") as run:
+                run.log_config(recipe.train, section="train")
+            logged = MlflowClient(mlflow_server).get_run(run.run_id)  # read past the proxy
+            assert logged.data.params["train.lr"] == str(recipe.train.lr)
+            assert seen and set(seen) == {"Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode()}
+
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password-4242")
+            start = time.monotonic()
+            tracker = tracking.Tracker(recipe)  # the probe of /health needs no credentials
+            with pytest.raises(TgrlError, match=r"MLflow: opening experiment .* failed") as info:
+                tracker.experiment_id()
+            assert time.monotonic() - start < 60 and "error code 401" in str(info.value)
+            assert "not-the-password-4242" not in str(info.value) and password not in str(info.value)
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        tracking._CURRENT_URI[:] = previous[1]
