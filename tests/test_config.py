@@ -77,3 +77,27 @@ def test_flatten_default_pipeline_config():
     flat = flatten(PipelineConfig().model_dump(mode="json"))
     assert flat["train.loss.shaping_gamma"] == 0.1 and flat["train.group_size"] == 8
     assert all("." in key or key in ("name", "work_dir") for key in flat)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        "tracking.tracking_uri=http://bob:hunter22@mlflow:5000",
+        "generate.base_url=https://key:sk-abcdef@api.example.com/v1",
+        "tracking.artifact_location=s3://AKIAXX:secretkey@bucket/mlflow",
+    ],
+)
+def test_urls_with_passwords_are_refused(pair):
+    """A recipe is printed in KFP step logs: a password inside a URL is refused, and not echoed."""
+    with pytest.raises(TgrlError, match="holds a URL with a password") as info:
+        load_config(None, overrides=[pair])
+    secret = pair.split(":")[2].split("@")[0]
+    assert secret not in str(info.value)
+
+
+def test_urls_without_passwords_load():
+    cfg = load_config(
+        None,
+        overrides=["generate.base_url=http://user@host:8000/v1", "tracking.tracking_uri=http://mlflow:5000"],
+    )
+    assert cfg.generate.base_url == "http://user@host:8000/v1"

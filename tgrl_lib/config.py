@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -17,9 +18,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tgrl_lib.errors import TgrlError
 
+# scheme://user:password@host: a recipe travels as a pipeline parameter and KFP prints it in step logs.
+_URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
+
 
 class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _no_password_in_urls(self) -> StepConfig:
+        for name, value in self.__dict__.items():
+            if isinstance(value, str) and _URL_PASSWORD.match(value):
+                raise ValueError(
+                    f"{name} holds a URL with a password; recipes are logged by KFP, so put credentials in "
+                    "the environment (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_*, the api_key_env variable)"
+                )
+        return self
 
 
 T = TypeVar("T", bound=StepConfig)

@@ -77,14 +77,15 @@ def run_local(
 ) -> LocalRunResult:
     """Run `pipeline` locally with the recipe `config`, copy its results to `work_dir/results/`, print
     where they are."""
+    started = time.perf_counter()
+    work = Path(work_dir).resolve()
+    cfg = local_recipe(config, work, overrides)  # a bad recipe fails here, before kfp is imported
+    work.mkdir(parents=True, exist_ok=True)
+
     from kfp import local
 
     from tgrl_lib.kfp_pipelines.compile import build
 
-    started = time.perf_counter()
-    work = Path(work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = local_recipe(config, work, overrides)
     if base_model is None:
         base_model = cfg.train.model if Path(cfg.train.model).is_dir() else "tiny"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"))
