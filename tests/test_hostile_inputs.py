@@ -270,9 +270,9 @@ def test_generate_rejects_bad_problem_rows_and_generates_for_the_rest(problems, 
     assert "1 generated, 3 rejected" in stdout
 
 
-def test_an_expert_answer_utf8_cannot_hold_stops_generate_in_one_line(problems, tmp_path):
-    """A hostile expert server answering with an unpaired surrogate: a clear error, nothing readable (not
-    yet a per-sample rejection: docs/SECURITY.md, known limits)."""
+def test_an_expert_answer_utf8_cannot_hold_is_kept_with_a_replacement_mark(problems, tmp_path):
+    """A hostile expert server answering with an unpaired surrogate: the sample is kept with U+FFFD in its
+    place and the count in meta (the filters judge it); nothing is lost and the dataset is readable."""
     from tgrl_lib.config import GenerateConfig
     from tgrl_lib.generation.base import Completion
     from tgrl_lib.generation.factory import Expert
@@ -285,9 +285,15 @@ def test_an_expert_answer_utf8_cannot_hold_stops_generate_in_one_line(problems, 
             return [[Completion(text="<think>\ud800</think><answer>1</answer>")] * samples for _ in prompts]
 
     expert = Expert(Hostile(), prompt=lambda problem: problem, needs_images=True)
-    with pytest.raises(TgrlError, match="unpaired surrogate") as info:
-        generate_trajectories(problems, tmp_path / "t", GenerateConfig(), backend=expert)
-    assert "\n" not in str(info.value) and not (tmp_path / "t" / MANIFEST).exists()
+    generate_trajectories(problems, tmp_path / "t", GenerateConfig(), backend=expert)
+    written = load_dataset(tmp_path / "t", "trajectories").records
+    assert (
+        written
+        and len(written)
+        == len(load_dataset(problems, "problems").records) * GenerateConfig().samples_per_problem
+    )
+    assert all(t.text == "<think>\ufffd</think><answer>1</answer>" for t in written)
+    assert all(t.meta["invalid_unicode"] == 1 for t in written)
 
 
 def test_empty_datasets_give_empty_outputs_and_are_refused_where_they_are_consumed(

@@ -265,10 +265,18 @@ def batch_seed(seed: int, problem_ids: list[str]) -> int:
 
 
 def completion_info(completion: Any) -> tuple[str, dict[str, Any]]:
-    """Text and meta (generated tokens when known, finish reason) of a backend's `Completion`."""
-    return completion.text, {
+    """Text and meta (generated tokens when known, finish reason) of a backend's `Completion`.
+
+    Unpaired UTF-16 surrogates (a hostile or broken server's JSON escapes), which UTF-8 cannot hold, become
+    U+FFFD and are counted in `meta["invalid_unicode"]`: the sample is kept for the filters to judge."""
+    text = completion.text
+    invalid = sum(1 for c in text if "\ud800" <= c <= "\udfff")
+    if invalid:
+        text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text, {
         "tokens": completion.num_tokens or None,
         "finish_reason": completion.finish_reason,
+        "invalid_unicode": invalid or None,
     }
 
 
