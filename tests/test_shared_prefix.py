@@ -81,3 +81,22 @@ def test_falls_back_when_nothing_is_shared(policy):
     text = render_prompt(policy.processor, "How many?", None, with_image=False)
     text_only = collate_sequences(policy.processor, [text] * 3, None, responses[:3], 24)
     assert shared_prefix_logprobs(policy.model, text_only) is None
+
+
+def test_gradients_equal_the_plain_forward(policy):
+    import copy
+
+    prompts, images, responses = _groups(policy, [4, 3], seed=2)
+    seq = collate_sequences(policy.processor, prompts, images, responses, 24)
+    weights = torch.randn(seq.input_ids.shape, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for shared in (False, True):
+        model = copy.deepcopy(policy.model).train()
+        out = shared_prefix_logprobs(model, seq, with_entropy=True) if shared else None
+        logprobs, entropy = out if out is not None else response_logprobs(model, seq, with_entropy=True)
+        ((logprobs + 0.1 * entropy) * weights).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert shared is False or out is not None
+    assert grads[0].keys() == grads[1].keys() and any("visual" in n for n in grads[0])
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, atol=1e-5, rtol=1e-4, msg=name)

@@ -10,8 +10,8 @@
   never materialised: `token_logprob_entropy` computes `z[y] - logsumexp(z)` in fp32 chunks and its
   backward recomputes the softmax chunk by chunk, so the only [N, V] tensors are the logits themselves and
   their gradient (TRL's `selective_log_softmax` has the same goal; the custom backward is ours).
-- `shared_prefix_logprobs`: the same log-probs without grad, each group's shared prompt encoded once
-  (prefix KV cache copied to its rows): the no-grad passes of the update at about half the work.
+- `shared_prefix_logprobs`: the same log-probs with each group's shared prompt encoded once (prefix KV
+  cache copied to its rows): the update's passes at about half the work.
 - `blank_images`, `load_image`: images for the visual-dependency forward, and safe image loading.
 """
 
@@ -281,18 +281,19 @@ def response_logprobs(
     return logprobs, entropy
 
 
-@torch.no_grad()
 def shared_prefix_logprobs(
     model: Any, batch: SequenceBatch, *, with_entropy: bool = False
 ) -> tuple[Tensor, Tensor | None] | None:
-    """`response_logprobs` without grad, each distinct prompt (tokens and image) encoded once.
+    """`response_logprobs` with each distinct prompt (tokens and image) encoded once.
 
-    The G rows of a group share their prompt, which is most of a sequence, so a no-grad pass runs the
-    distinct prompts (minus their last token) once with a KV cache, copies the cache to the rows, and
-    continues every row from its last prompt token through its response, with the 3D (M-RoPE) positions
-    the full forward would use. Same values as `response_logprobs` up to float rounding (~1e-6 on the
-    tiny model); about half its work at G=8. Returns None when this does not apply (no shared prompt, no
-    image, a model without `get_rope_index`, image tokens after the prompt): use `response_logprobs`."""
+    The G rows of a group share their prompt, which is most of a sequence, so this runs the distinct
+    prompts (minus their last token) once with a KV cache, copies the cache to the rows, and continues
+    every row from its last prompt token through its response, with the 3D (M-RoPE) positions the full
+    forward would use. Same values as `response_logprobs` up to float rounding (~1e-6 on the tiny
+    model), about half its work at G=8; differentiable when grad is on (the copied cache sums its rows'
+    gradients into the shared prompt). Two forwards per call: pass an unwrapped model (DDP wants one
+    forward per backward). Returns None when this does not apply (no shared prompt, no image, a model
+    without `get_rope_index`, image tokens after the prompt): use `response_logprobs`."""
     core = getattr(model, "model", None)
     if batch.pixel_values is None or batch.image_grid_thw is None or batch.mm_token_type_ids is None:
         return None

@@ -251,8 +251,8 @@ def policy_update(
                 last = i == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with accelerator.autocast():
-                        logprobs, entropy = response_logprobs(
-                            model, mb.seq, with_entropy=objective.needs_entropy
+                        logprobs, entropy = _training_logprobs(
+                            accelerator, model, mb.seq, objective.needs_entropy
                         )  # [b, T]
                     loss, stats = objective(logprobs, entropy, mb, totals)
                     accelerator.backward(loss)
@@ -263,6 +263,18 @@ def policy_update(
             optimizer.zero_grad(set_to_none=True)
             meter.end_optimizer_step(float(grad_norm))
     return meter.summary()
+
+
+def _training_logprobs(
+    accelerator: Any, model: Any, seq: SequenceBatch, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The differentiable log-probs of a micro-batch; shared prompts encoded once unless the model is
+    wrapped for distributed training (DDP/FSDP expect one forward per backward)."""
+    if accelerator.unwrap_model(model) is model:
+        shared = shared_prefix_logprobs(model, seq, with_entropy=with_entropy)
+        if shared is not None:
+            return shared
+    return response_logprobs(model, seq, with_entropy=with_entropy)
 
 
 def _tensors_to(mb: TrainBatch, device: Any) -> dict[str, Tensor | None]:
