@@ -416,8 +416,12 @@ class Tracker:
             base["tgrl.dataset_sha256"] = dataset_sha256
         with mlflow_errors(f"starting the run of step {step!r}"):
             all_tags = {k: scrub(str(v)) for k, v in {**base, **(tags or {})}.items()}
-            created = client.create_run(self.experiment_id(), run_name=step, tags=all_tags)
+            exp_id = self.experiment_id()
+            created = client.create_run(exp_id, run_name=step, tags=all_tags)
             client.update_run(parent.run_id, status="RUNNING")
+            # The fluent API refuses a run outside the process's active experiment, which an earlier
+            # caller in this process (another pipeline, the registry) may have set to another one.
+            mlflow.set_experiment(experiment_id=exp_id)
             mlflow.start_run(
                 run_id=created.info.run_id, nested=True, log_system_metrics=self.cfg.system_metrics
             )
