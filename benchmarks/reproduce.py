@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -386,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     from reproduce_report import write_report
 
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupted)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TGRL_PROGRESS", "0")
     recipe = load_recipe(args.recipe, args.quick)
@@ -407,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
             paths = prepare_data(recipe, work)
             common = (str(args.recipe), args.quick, str(work))
-            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=_spawn()) as pool:
+            pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=_spawn())
+            try:
                 list(pool.map(prepare_seed, *zip(*[(*common, s) for s in recipe.repro.seeds], strict=True)))
                 todo = [
                     (arm, seed)
@@ -423,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
                     path = future.result()
                     done += 1
                     print(f"[{time.time() - t0:7.0f}s] done {arm} seed {seed} -> {path}", flush=True)
+            except BaseException:  # Ctrl-C / SIGTERM: stop the workers now; a rerun resumes
+                pool.shutdown(wait=False, cancel_futures=True)
+                for child in multiprocessing.active_children():
+                    child.terminate()
+                raise
+            pool.shutdown()
             del paths
     finally:
         _log_invocation(runs_dir, command, time.time() - t0, done, args)
@@ -449,9 +459,11 @@ def check_fingerprint(recipe: Recipe, work: Path, runs_dir: Path) -> None:
 
 
 def _spawn() -> Any:
-    import multiprocessing
-
     return multiprocessing.get_context("spawn")
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _log_invocation(runs_dir: Path, command: str, seconds: float, done: int, args: Any) -> None:

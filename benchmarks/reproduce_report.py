@@ -66,6 +66,7 @@ def plot_curves(runs: dict, arms: dict, order: list[str], chance: dict[str, floa
     import matplotlib.pyplot as plt
 
     paths = []
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(order)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in order:
         seeds = [r for (a, _), r in sorted(runs.items()) if a == name and len(r["curve"]) > 1]
@@ -75,7 +76,14 @@ def plot_curves(runs: dict, arms: dict, order: list[str], chance: dict[str, floa
         for ax, key in zip(axes, ("accuracy", "grounding"), strict=True):
             values = [[p.get(key) or 0.0 for p in r["curve"]] for r in seeds if len(r["curve"]) == len(steps)]
             mean = [statistics.mean(v) for v in zip(*values, strict=True)]
-            ax.plot(steps, mean, marker="o", ms=3, label=f"{arms[name].title} (n={len(values)})")
+            ax.plot(
+                steps,
+                mean,
+                marker="o",
+                ms=3,
+                color=colors[name],
+                label=f"{arms[name].title} (n={len(values)})",
+            )
             ax.fill_between(
                 steps,
                 [min(v) for v in zip(*values, strict=True)],
@@ -101,8 +109,8 @@ def plot_curves(runs: dict, arms: dict, order: list[str], chance: dict[str, floa
         seeds = [r for (a, _), r in sorted(runs.items()) if a == name and r["train"]]
         for ax, key in zip(axes, ("reward/accuracy", "expert/prob_mean"), strict=True):
             series = _mean_series(seeds, key)
-            if series:
-                ax.plot(*zip(*series, strict=True), label=arms[name].title, lw=1.2)
+            if any(v for _, v in series):  # grpo logs expert/prob_mean 0: no experts
+                ax.plot(*zip(*series, strict=True), color=colors[name], label=arms[name].title, lw=1.2)
     axes[0].set_ylabel("on-policy rollout accuracy (train, 10-step mean)")
     axes[1].set_ylabel("mean probability of expert tokens (train)")
     for ax in axes:
@@ -250,6 +258,12 @@ def write_report(
     )
     wall = sum(i["wall_s"] for i in invocations)
     runs_text = ", ".join(f"{i['wall_s'] / 60:.1f} min, jobs {i['jobs']}" for i in invocations)
+    warm_times = [
+        f"seed {sd}: {json.loads(f.read_text()).get('warm_start_s', 0):.0f} s"
+        for sd in recipe.repro.seeds
+        if (f := work / f"seed{sd}" / "start.json").exists()
+    ]
+    warm_text = ", ".join(warm_times) or "none"
     commands = list(dict.fromkeys(i["command"] for i in invocations)) or ["(no training invocation recorded)"]
     status = "complete" if not missing else f"PARTIAL: {len(expected) - len(missing)} of {len(expected)} runs"
     out = [
@@ -270,6 +284,8 @@ def write_report(
         f"- wall time: {wall / 60:.1f} min over {len(invocations)} invocation(s) "
         f"({runs_text}); the machine's "
         "2 cores were shared with other work during the run, so times are upper bounds",
+        f"- warm starts (per seed, before the arms; inside the wall time above unless they were reused from "
+        f"an earlier invocation): {warm_text}",
         f"- recipe: `{_shown(recipe.path)}` (fingerprint {recipe.fingerprint})",
     ]
     if missing:
