@@ -101,3 +101,9 @@ def test_urls_without_passwords_load():
         overrides=["generate.base_url=http://user@host:8000/v1", "tracking.tracking_uri=http://mlflow:5000"],
     )
     assert cfg.generate.base_url == "http://user@host:8000/v1"
+
+
+def test_train_refuses_a_rollout_temperature_the_loss_does_not_model():
+    with pytest.raises(TgrlError, match="rollout temperature 0.7 is not supported"):
+        load_config(None, overrides=["train.temperature=0.7"])
+    assert load_config(None, overrides=["train.temperature=1"]).train.temperature == 1.0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tgrl_lib.errors import TgrlError
 
@@ -169,12 +169,17 @@ class TrainConfig(StepConfig):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping.")
-    temperature: float = Field(1.0, gt=0.0, description="Rollout temperature.")
+    temperature: float = Field(
+        1.0,
+        description="Rollout temperature. Only 1.0: the training log-probs are those of the untempered "
+        "policy, so samples drawn at another temperature would be scored under a different distribution.",
+    )
     max_new_tokens: int = Field(64, ge=1, description="Rollout budget in tokens.")
     advantage_scale: Literal["none", "group", "batch"] = Field(
         "none", description="Divide advantages by the std of the group/batch, or not (LUFFY)."
     )
     loss: LossConfig = Field(default_factory=LossConfig)
+
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
     in_loop_filter: InLoopFilterConfig = Field(default_factory=InLoopFilterConfig)
@@ -192,6 +197,16 @@ class TrainConfig(StepConfig):
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest checkpoint.")
     format_reward: float = Field(0.1, ge=0.0, description="Reward added for a well-formed response.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _untempered(cls, value: float) -> float:
+        if value != 1.0:
+            raise ValueError(
+                f"rollout temperature {value} is not supported yet: the loss scores samples under the "
+                "untempered policy (temperature 1.0), so any other value trains on a mismatched distribution"
+            )
+        return value
 
 
 # --------------------------------------------------------------------------------------------- eval
