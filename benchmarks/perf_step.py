@@ -41,6 +41,7 @@ The headline is the median of the pair ratios.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -160,6 +161,7 @@ def run_trl(
         instrument(trainer)
     start = time.perf_counter()
     trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)
     logs = [e for e in trainer.state.log_history if "completions/mean_length" in e]
     rows_per_step = w["problems_per_step"] * w["group_size"]
     return {
@@ -222,6 +224,7 @@ def run_alternating(paths: dict[str, Path], pairs: int) -> dict[str, Any]:
 
     clock["last"] = time.perf_counter()
     trl = run_trl(paths, pairs + 1, callbacks=[Alternate()], instrument=instrument)
+    shutil.rmtree(out, ignore_errors=True)
     return {"step_s": times, "phases_s": phases, "trl_generated_tokens": trl["generated_tokens"]}
 
 

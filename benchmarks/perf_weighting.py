@@ -19,6 +19,7 @@ median over all pairs of `--runs` fresh processes (one warm-up pair per process 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -72,6 +73,7 @@ def run_worker(name: str, paths: dict[str, Path], pairs: int, overrides: dict) -
             metrics = trainer.train_step(run, step)
             times[side].append(time.perf_counter() - start)
             phases[side].append({k: metrics[k] for k in ("perf/rollout_time_s", "perf/update_time_s")})
+    shutil.rmtree(out, ignore_errors=True)
     return {"step_s": times, "phases": phases, "first_of_pair": orders}
 
 

@@ -14,6 +14,7 @@ recorded by profiling before it (`--label before`) and after it (`--label after`
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -134,6 +135,7 @@ def profile(paths: dict[str, Path], steps: int, overrides: dict) -> dict[str, An
         }
         for e in ops[:15]
     ]
+    shutil.rmtree(out, ignore_errors=True)
     keys = sorted({k for s in timer.steps for k in s})
     phases = {k: statistics.median(s.get(k, 0.0) for s in timer.steps) for k in keys}
     return {"phases_s": phases, "per_step": timer.steps, "top_ops": top_ops}
