@@ -27,6 +27,7 @@ from tgrl_lib.checkpoint import (
     TrainingState,
     latest_checkpoint,
     load_training_state,
+    prune,
     publish_final,
     save_checkpoint,
     set_rng_state,
@@ -178,6 +179,7 @@ def _already_complete(config: TrainConfig, output_dir: Path, state: TrainingStat
     final = output_dir / "final"
     if not final.is_dir():  # killed between the last checkpoint and publishing
         final = publish_final(state.path, output_dir)
+    prune(output_dir, config.keep_checkpoints)  # killed before the last save pruned the older ones
     message = (
         f"nothing to train: the run in {output_dir} is already complete ({state.step} of {config.steps} "
         f"steps); final model in {final} (raise train.steps to continue, or use a new output_dir)"
