@@ -104,6 +104,6 @@ def test_urls_without_passwords_load():
 
 
 def test_train_refuses_a_rollout_temperature_the_loss_does_not_model():
-    with pytest.raises(TgrlError, match="rollout temperature 0.7 is not supported"):
+    with pytest.raises(TgrlError, match=r"rollout temperature 0\.7 is not supported"):
         load_config(None, overrides=["train.temperature=0.7"])
     assert load_config(None, overrides=["train.temperature=1"]).train.temperature == 1.0

@@ -160,8 +160,8 @@ def test_champion_loads_and_answers_like_the_checkpoint(mlflow_server, tmp_path,
     import mlflow
     import torch
     from PIL import Image
-    from tgrl_lib.models import load_policy
 
+    from tgrl_lib.models import load_policy
     from tgrl_lib.registry import generate_answers
 
     name = f"tiny-{uuid.uuid4().hex[:8]}"
