@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from tgrl_lib.commands import add_overrides
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -28,14 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="output directory for the report")
     parser.add_argument("--config", help="recipe YAML (its `eval:` section) or a file of eval keys")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override an eval value, e.g. --set samples=8 --set temperature=0.7 (repeatable)",
-    )
+    add_overrides(parser, "--set samples=8 --set temperature=0.7")
     parser.add_argument("--samples", type=int, help="k samples per problem (eval.samples)")
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy")
     parser.add_argument("--max-new-tokens", type=int, help="response budget in tokens")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from tgrl_lib.commands import add_overrides
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -28,14 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="problems dataset (default: the one recorded in the trajectories' manifest)",
     )
     parser.add_argument("--policy", help="policy checkpoint for the length tokenizer and likelihood filters")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a FilterConfig value, e.g. --set batch_size=8 (repeatable)",
-    )
+    add_overrides(parser, "--set batch_size=8")
     parser.add_argument("--list", action="store_true", help="list the available filters and their parameters")
     parser.set_defaults(func=_run)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from tgrl_lib.commands import add_overrides
+
 # flag -> GenerateConfig field
 FLAGS = {
     "expert": "expert",
@@ -52,14 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, help="problems per batch (written together)")
     parser.add_argument("--concurrency", type=int, help="openai: requests in flight")
     parser.add_argument("--seed", type=int, help="sampling seed")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any GenerateConfig field, e.g. --set max_retries=8 (repeatable)",
-    )
+    add_overrides(parser, "--set max_retries=8")
     parser.set_defaults(func=_run)
 
 

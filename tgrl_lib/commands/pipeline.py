@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tgrl_lib.commands import add_overrides
+
 PIPELINE_NAMES = ("tgrl_pipeline", "grpo_baseline_pipeline", "eval_pipeline")
 
 
@@ -35,14 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config", default=None, help="Recipe YAML (default: configs/tiny-cpu.yaml if present)."
     )
     run.add_argument("--work-dir", default="runs", help="Where MLflow, KFP outputs and results go.")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override a recipe value, e.g. --set train.steps=2 (repeatable).",
-    )
+    add_overrides(run, "--set train.steps=2")
     run.add_argument(
         "--pipeline",
         default="tgrl_pipeline",

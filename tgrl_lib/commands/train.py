@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from tgrl_lib.commands import add_overrides
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -19,14 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--config", help="recipe YAML (its `train:` section) or a file of train keys")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a train value, e.g. --set lr=1e-4 or --set train.loss.clip=false (repeatable)",
-    )
+    add_overrides(parser, "--set lr=1e-4 or --set train.loss.clip=false")
     parser.add_argument("--problems", help="problems dataset directory (tgrl data synth / import)")
     parser.add_argument("--experts", help="expert trajectories dataset (tgrl generate / filter)")
     parser.add_argument("--out", help="output directory (overrides train.output_dir)")
