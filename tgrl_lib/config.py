@@ -134,7 +134,12 @@ class WeightingConfig(StepConfig):
     kind: Literal["none", "visual_dependency", "entropy"] = Field(
         "visual_dependency", description="Token weights: none, visual dependency (image blanked) or entropy."
     )
-    apply_to: Literal["expert", "policy", "both"] = Field("both", description="Which tokens are reweighted.")
+    apply_to: Literal["expert", "policy", "both"] = Field(
+        "expert",
+        description="Which tokens are reweighted. Default expert: weighting the policy's own tokens too "
+        "('both') lost the answer format within 20-40 updates on 2 of 2 seeds of the tiny recipe (clamped "
+        "scores put ~90% of tokens at w_min); expert-only stayed stable.",
+    )
     w_min: float = Field(0.5, ge=0.0, description="Lower clip of the normalised weights.")
     w_max: float = Field(2.0, gt=0.0, description="Upper clip of the normalised weights.")
     alpha: float = Field(1.0, ge=0.0, le=1.0, description="0 = uniform, 1 = full reweighting.")
