@@ -25,6 +25,7 @@ from tgrl_lib.filters.base import BoundFilter, FilterContext, build_filters
 from tgrl_lib.filters.report import READ_STAGE, FilterCounts, FilterReport, build_report, write_report
 from tgrl_lib.progress import progress_bar
 from tgrl_lib.schema import (
+    LONE_SURROGATE,
     MANIFEST,
     RECORDS,
     DatasetWriter,
@@ -36,6 +37,8 @@ from tgrl_lib.schema import (
     iter_jsonl,
     load_dataset,
     read_manifest,
+    utf8_encodable,
+    writable_rejected,
 )
 
 CREATED_BY = "tgrl filter"
@@ -191,8 +194,8 @@ def _read_rows(records: Path, context: FilterContext) -> tuple[list[_Row], list[
             continue
         problem = context.problems.get(item.problem_id)
         reason = None if problem is not None else f"unknown problem id {item.problem_id!r}"
-        if reason is None and not _encodable(_dump(item)):
-            reason = "invalid Unicode: the row holds an unpaired surrogate (\\ud800-\\udfff)"
+        if reason is None and not utf8_encodable(_dump(item)):
+            reason = LONE_SURROGATE
         if reason is not None:
             refused.append(
                 (line, writable_rejected(RowError(RECORDS, line, reason, _dump(item)).to_rejected()))
@@ -200,27 +203,6 @@ def _read_rows(records: Path, context: FilterContext) -> tuple[list[_Row], list[
             continue
         rows.append(_Row(item, line, str(problem.meta.get("family", "unknown"))))
     return rows, refused
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def writable_rejected(rejected: Rejected) -> Rejected:
-    """`rejected`, or (when its record or reason holds unpaired surrogates, which UTF-8 cannot write) the
-    same with the record kept as ASCII-escaped raw JSON, so a hostile row is still written, not lost."""
-    import json
-
-    if _encodable(dumps_record(rejected)):
-        return rejected
-    raw = rejected.raw if rejected.record is None else json.dumps(rejected.record, ensure_ascii=True)
-    raw = (raw or "").encode("utf-8", "backslashreplace").decode("utf-8")
-    reason = rejected.reason.encode("utf-8", "backslashreplace").decode("utf-8")
-    return rejected.model_copy(update={"record": None, "raw": raw, "reason": reason})
 
 
 def _dump(record: Trajectory) -> str:

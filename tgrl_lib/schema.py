@@ -207,7 +207,7 @@ def iter_jsonl(path: Path, model: type[_Record]) -> Iterator[tuple[int, _Record 
             if not isinstance(obj, dict):
                 yield number, RowError(name, number, "expected a JSON object", text)
                 continue
-            if "\\u" in text and not _encodable(json.dumps(obj, ensure_ascii=False)):
+            if "\\u" in text and not utf8_encodable(json.dumps(obj, ensure_ascii=False)):
                 yield number, RowError(name, number, LONE_SURROGATE, text)
                 continue
             try:
@@ -225,7 +225,7 @@ LONE_SURROGATE = (
 )
 
 
-def _encodable(text: str) -> bool:
+def utf8_encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -233,20 +233,28 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def writable_rejected(rejected: Rejected) -> Rejected:
+    """`rejected`, or (when its record or reason holds unpaired surrogates, which UTF-8 cannot write) the
+    same with the record kept as ASCII-escaped raw JSON, so a hostile row is still written, not lost."""
+    if utf8_encodable(dumps_record(rejected)):
+        return rejected
+    raw = rejected.raw if rejected.record is None else json.dumps(rejected.record, ensure_ascii=True)
+    escaped = {
+        "record": None,
+        "raw": (raw or "").encode("utf-8", "backslashreplace").decode("utf-8"),
+        "reason": rejected.reason.encode("utf-8", "backslashreplace").decode("utf-8"),
+    }
+    return rejected.model_copy(update=escaped)
+
+
 def _writable_line(record: _Record) -> str:
-    """`dumps_record(record)`; a `Rejected` whose record holds unpaired surrogates keeps it as ASCII-escaped
-    raw JSON (a hostile row is kept, not lost); any other such record is refused with a clear error."""
-    line = dumps_record(record)
-    if _encodable(line):
-        return line
+    """`dumps_record(record)`; a `Rejected` holding unpaired surrogates is escaped (`writable_rejected`);
+    any other such record is refused with a clear error."""
     if isinstance(record, Rejected):
-        raw = record.raw if record.record is None else json.dumps(record.record, ensure_ascii=True)
-        escaped = {
-            "record": None,
-            "raw": (raw or "").encode("utf-8", "backslashreplace").decode("utf-8"),
-            "reason": record.reason.encode("utf-8", "backslashreplace").decode("utf-8"),
-        }
-        return dumps_record(record.model_copy(update=escaped))
+        record = writable_rejected(record)
+    line = dumps_record(record)
+    if utf8_encodable(line):
+        return line
     raise TgrlError(f"cannot write a {type(record).__name__} record: {LONE_SURROGATE}")
 
 

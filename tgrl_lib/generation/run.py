@@ -139,9 +139,7 @@ def generate_trajectories(
         todo = [p for p in dataset.records if len(done[p.id]) < K]
         new, failed = _generate_all(expert, dataset, todo, done, config, name, writer)
         if rejected_out is not None:
-            from tgrl_lib.filtering import writable_rejected
-
-            rejected_out.write(writable_rejected(r) for r in [*refused, *failed])
+            rejected_out.write([*refused, *failed])  # the writer escapes what UTF-8 cannot hold
     return _report(dataset, out_dir, refused, failed, todo, new, time.monotonic() - start, config, name)
 
 
