@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -53,3 +53,20 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         for item in items:
             yield item
             advance()
+
+
+TRAIN_SHOWN = ("reward/mean", "reward/accuracy", "loss/total", "loss/sft", "perf/step_time_s")
+
+
+def step_printer(
+    total: int, lines: int = 10, prefix: str = "step"
+) -> Callable[[int, dict[str, float]], None]:
+    """A trainer `on_step` that prints about `lines` summary lines per run (and always the last step)."""
+    every = max(1, total // lines)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if step % every == 0 or step == total:
+            parts = "  ".join(f"{k} {metrics[k]:.3f}" for k in TRAIN_SHOWN if k in metrics)
+            print(f"{prefix} {step}/{total}  {parts}", flush=True)
+
+    return on_step

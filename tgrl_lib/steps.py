@@ -271,6 +271,7 @@ def train(
     `algorithm` ("" = the recipe's) overrides `train.algorithm`; grpo ignores `experts_dir`. Intermediate
     checkpoints stay in a scratch directory: only the final model is a pipeline artifact.
     """
+    from tgrl_lib.progress import step_printer
     from tgrl_lib.trainer import train as run_training
 
     cfg = load_recipe(config)
@@ -291,7 +292,7 @@ def train(
                 problems_dir=problems_dir,
                 experts_dir=experts,
                 logger=run.metrics_logger(),
-                on_step=_print_progress(tcfg.steps),
+                on_step=step_printer(tcfg.steps, prefix="train step"),
             )
             _move_into(Path(result.final_dir), out_dir)
             out = {"steps_done": float(result.steps_done)}
@@ -300,19 +301,6 @@ def train(
             run.log_artifacts([Path(scratch) / "metrics.jsonl"], "train")  # the per-step table, kept
             publish(pipeline_run_id, "train", {"checkpoint": out_dir}, checkpoint=True)
     return out
-
-
-def _print_progress(total: int) -> Any:
-    """A trainer `on_step` that prints about ten lines per run (the task log is all a KFP user sees)."""
-    every = max(1, total // 10)
-    shown = ("reward/mean", "reward/accuracy", "loss/total", "perf/step_time_s")
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        if step % every == 0 or step == total:
-            parts = "  ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics)
-            print(f"train step {step}/{total}  {parts}", flush=True)
-
-    return on_step
 
 
 def _evaluate_into(

@@ -30,14 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from tgrl_lib.errors import TgrlError
-    from tgrl_lib.progress import progress_bar
+    from tgrl_lib.progress import progress_bar, step_printer
     from tgrl_lib.trainer import load_train_config, train
 
     if not args.problems:
         raise TgrlError("tgrl train needs --problems DIR", hint="see tgrl train --help")
     overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
     config = load_train_config(args.config, overrides)
-    every = max(1, config.steps // 20)
+    show = step_printer(config.steps, lines=20)
 
     with progress_bar(f"train {config.algorithm}", config.steps) as advance:
         done = 0
@@ -46,10 +46,7 @@ def _run(args: argparse.Namespace) -> int:
             nonlocal done
             advance(step - done)  # a resumed run starts past 0
             done = step
-            if step % every == 0 or step == config.steps:
-                shown = ("reward/mean", "reward/accuracy", "loss/total", "loss/sft", "perf/step_time_s")
-                parts = [f"{k} {metrics[k]:.3f}" for k in shown if k in metrics]
-                print(f"step {step}/{config.steps}  " + "  ".join(parts), flush=True)
+            show(step, metrics)
 
         result = train(config, problems_dir=args.problems, experts_dir=args.experts, on_step=on_step)
     print(f"tgrl train: {result.message}")
