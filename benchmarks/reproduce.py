@@ -316,6 +316,7 @@ def run_arm(recipe_path: str, quick: bool, work: str, results: str, arm_name: st
         "curve": curve,
         "train": train_rows,
         "wall_s": round(time.perf_counter() - t0, 1),
+        "revision": revision(),
     } | extra
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
@@ -325,6 +326,28 @@ def run_arm(recipe_path: str, quick: bool, work: str, results: str, arm_name: st
         for ckpt in stage_dir.glob("step-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
     return str(target)
+
+
+def revision() -> str:
+    """The library's git commit when this process runs it, '+dirty' when tracked files differ from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:
+        return "unknown (not a git checkout)"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "tgrl_lib", "benchmarks")
+    return commit + ("+dirty" if dirty else "")
+
+
+def default_work(name: str) -> Path:
+    """Outside the checkout, so that cleaning the repo (`make clean`, `rm -rf runs`) cannot pull the data
+    away from a running table: $XDG_CACHE_HOME/tgrl/reproduce-NAME (~/.cache by default)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tgrl" / f"reproduce-{name}"
 
 
 def data_paths(work: Path) -> dict[str, Path]:
@@ -344,7 +367,7 @@ def prepare_seed(recipe_path: str, quick: bool, work: str, seed: int) -> dict[st
     marker = work_dir / f"seed{seed}" / "start.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    info = start_model(recipe, work_dir, seed, data_paths(work_dir))
+    info = start_model(recipe, work_dir, seed, data_paths(work_dir)) | {"revision": revision()}
     marker.write_text(json.dumps(info, indent=1))
     return info
 
@@ -372,7 +395,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="The recipe's quick settings (1 seed, few steps).")
     p.add_argument("--jobs", type=int, default=2, help="Arms trained in parallel processes.")
     p.add_argument(
-        "--work", type=Path, default=None, help="Working directory (default runs/reproduce[-quick])."
+        "--work",
+        type=Path,
+        default=None,
+        help="Data, experts and checkpoints (default ~/.cache/tgrl/reproduce-RECIPE[-quick]).",
     )
     p.add_argument("--results", type=Path, default=None,
                    help="Results directory (default benchmarks/results; --quick: WORK/results).")  # fmt: skip
@@ -391,9 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TGRL_PROGRESS", "0")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # inherited by the spawned workers
     recipe = load_recipe(args.recipe, args.quick)
     name = args.recipe.stem + ("-quick" if args.quick else "")
-    work = (args.work or REPO / "runs" / f"reproduce-{name}").resolve()
+    work = (args.work or default_work(name)).resolve()
     results = (
         args.results or (work / "results" if args.quick else REPO / "benchmarks" / "results")
     ).resolve()
@@ -404,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     check_fingerprint(recipe, work, runs_dir)
     command = " ".join(["python", *map(shlex.quote, [os.path.relpath(__file__, REPO), *sys.argv[1:]])])
     t0 = time.time()
+    load_start = os.getloadavg()[0]
     done = 0
     try:
         if not args.report_only:
@@ -435,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             pool.shutdown()
             del paths
     finally:
-        _log_invocation(runs_dir, command, time.time() - t0, done, args)
+        _log_invocation(runs_dir, command, time.time() - t0, done, args, (load_start, os.getloadavg()[0]))
         md = write_report(recipe, runs_dir, results, name, machine(), ARMS, work)
         print(f"report: {md}", flush=True)
     return 0
@@ -466,13 +494,16 @@ def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _log_invocation(runs_dir: Path, command: str, seconds: float, done: int, args: Any) -> None:
+def _log_invocation(
+    runs_dir: Path, command: str, seconds: float, done: int, args: Any, load: tuple[float, float]
+) -> None:
     if args.report_only:
         return
     runs_dir.mkdir(parents=True, exist_ok=True)
     began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - seconds))
     entry = {"command": command, "started": began,
-             "wall_s": round(seconds, 1), "runs_finished": done, "jobs": args.jobs}  # fmt: skip
+             "wall_s": round(seconds, 1), "runs_finished": done, "jobs": args.jobs,
+             "load": [round(x, 2) for x in load], "revision": revision()}  # fmt: skip
     with open(runs_dir / "invocations.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
 

@@ -5,6 +5,7 @@ hand-written reading (`benchmarks/configs/reproduction_reading.md`, included ver
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -155,8 +156,9 @@ def results_table(runs: dict, arms: dict, order: list[str]) -> list[str]:
 
 def per_seed_table(runs: dict, arms: dict, order: list[str]) -> list[str]:
     lines = [
-        "| arm | seed | accuracy | grounding | format rate | facts stated | updates | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | seed | accuracy | grounding | format rate | facts stated | updates | wall s "
+        "| library revision |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in order:
         for (a, seed), r in sorted(runs.items()):
@@ -167,7 +169,7 @@ def per_seed_table(runs: dict, arms: dict, order: list[str]) -> list[str]:
                 f"| {arms[name].title} | {seed} | {f.get('accuracy', 0):.3f} | "
                 f"{f.get('grounding') or 0:.3f} | "
                 f"{f.get('format_rate', 0):.3f} | {f.get('facts_stated_mean') or 0:.2f} | {r['updates']} | "
-                f"{r['wall_s']:.0f} |"
+                f"{r['wall_s']:.0f} | {r.get('revision', 'not recorded')} |"
             )
     return lines
 
@@ -257,9 +259,14 @@ def write_report(
         else "the model as initialised (no warm start)"
     )
     wall = sum(i["wall_s"] for i in invocations)
-    runs_text = ", ".join(f"{i['wall_s'] / 60:.1f} min, jobs {i['jobs']}" for i in invocations)
+    runs_text = ", ".join(
+        f"{i['wall_s'] / 60:.1f} min, jobs {i['jobs']}"
+        + (f", load average {i['load'][0]:.1f} at start / {i['load'][1]:.1f} at end" if "load" in i else "")
+        for i in invocations
+    )
     warm_times = [
-        f"seed {sd}: {json.loads(f.read_text()).get('warm_start_s', 0):.0f} s"
+        f"seed {sd}: {(info := json.loads(f.read_text())).get('warm_start_s', 0):.0f} s "
+        f"(library {info.get('revision', 'not recorded')})"
         for sd in recipe.repro.seeds
         if (f := work / f"seed{sd}" / "start.json").exists()
     ]
@@ -282,8 +289,8 @@ def write_report(
         f"- versions: python {machine['python']}, torch {machine['torch']}, "
         f"transformers {machine['transformers']}",
         f"- wall time: {wall / 60:.1f} min over {len(invocations)} invocation(s) "
-        f"({runs_text}); the machine's "
-        "2 cores were shared with other work during the run, so times are upper bounds",
+        f"({runs_text}; 1-minute load averages against {os.cpu_count()} cores: "
+        "above the core count the cores were shared with other work, and times are upper bounds)",
         f"- warm starts (per seed, before the arms; inside the wall time above unless they were reused from "
         f"an earlier invocation): {warm_text}",
         f"- recipe: `{_shown(recipe.path)}` (fingerprint {recipe.fingerprint})",
