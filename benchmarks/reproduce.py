@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -133,6 +133,11 @@ class ReproduceConfig(BaseModel):
     steps: int = Field(ge=2, description="Optimizer updates of every trained arm.")
     curve_every: int = Field(ge=1, description="Held-out evaluation every N updates (learning curves).")
     warm_start: WarmStart | None = Field(None, description="Shared SFT warm start per seed, or none.")
+    sft_sequences: Literal["group", "problems"] = Field(
+        "group",
+        description="Expert trajectories per SFT update in the arms: 'group' = problems_per_step x "
+        "group_size (as many sequences as an RL update trains on), 'problems' = problems_per_step.",
+    )
     arms: list[str] = Field(default_factory=lambda: list(ARMS), description="Arms to run.")
 
 
@@ -213,13 +218,15 @@ def start_model(recipe: Recipe, work: Path, seed: int, paths: dict[str, Path]) -
         changes = {k: v for k, v in changes.items() if v is not None}
         stage = Stage("sft", 1.0, "filtered", changes)
         out = seed_dir / "warm_start"
-        result = run_stage(recipe, stage, init, out, seed, warm.steps, paths)
+        result = run_stage(recipe, stage, init, out, seed, warm.steps, paths, warm=True)
         info |= {"start": str(result), "warm_start_s": time.perf_counter() - t0}
     return info
 
 
 # ------------------------------------------------------------------------------------------ training
-def stage_config(recipe: Recipe, stage: Stage, model: Path, out: Path, seed: int, steps: int) -> Any:
+def stage_config(
+    recipe: Recipe, stage: Stage, model: Path, out: Path, seed: int, steps: int, warm: bool = False
+) -> Any:
     from tgrl_lib.config import TrainConfig, deep_merge
 
     base = recipe.pipeline.train.model_dump(mode="json")
@@ -234,17 +241,26 @@ def stage_config(recipe: Recipe, stage: Stage, model: Path, out: Path, seed: int
         "resume": "auto",
     }
     data = deep_merge(deep_merge(base, stage.changes), fixed)
+    if stage.algorithm == "sft" and recipe.repro.sft_sequences == "group" and not warm:
+        data["problems_per_step"] = data["problems_per_step"] * data["group_size"]
     if stage.algorithm == "grpo":
         data["mixing"] = {**data["mixing"], "n_expert": 0}
     return TrainConfig.model_validate(data)
 
 
 def run_stage(
-    recipe: Recipe, stage: Stage, model: Path, out: Path, seed: int, steps: int, paths: dict[str, Path]
+    recipe: Recipe,
+    stage: Stage,
+    model: Path,
+    out: Path,
+    seed: int,
+    steps: int,
+    paths: dict[str, Path],
+    warm: bool = False,
 ) -> Path:
     from tgrl_lib.trainer import train
 
-    config = stage_config(recipe, stage, model, out, seed, steps)
+    config = stage_config(recipe, stage, model, out, seed, steps, warm)
     experts = paths[stage.experts] if stage.experts else None
     return train(config, problems_dir=paths["train"], experts_dir=experts).final_dir
 
