@@ -37,6 +37,8 @@ def test_section_loading(tmp_path):
         ("train:\n  lr: -1\n", "train.lr"),
         ("train:\n  algorithm: ppo\n", "train.algorithm"),
         ("train: [1, 2\n", "invalid YAML"),
+        ("train:\n  lr: 1.0e-4\n  steps: 3\n  lr: 1.0e-3\n", r"key 'lr' given twice \(first on line 2\)"),
+        ("train:\n  steps: 3\ntrain:\n  steps: 4\n", "key 'train' given twice"),
         ("- a\n- b\n", "must be a mapping"),
         ("train:\n  mixing:\n    n_expert: 8\n", "n_expert must be smaller"),
     ],
