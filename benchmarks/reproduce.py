@@ -19,6 +19,7 @@ updates (the learning curves). The arms and the one switch each changes are `ARM
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -159,11 +160,9 @@ class Recipe:
 
 
 def load_recipe(path: Path, quick: bool) -> Recipe:
-    import yaml
+    from tgrl_lib.config import PipelineConfig, deep_merge, read_yaml
 
-    from tgrl_lib.config import PipelineConfig, deep_merge
-
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_yaml(path)
     section = data.pop("reproduce")
     quick_section = section.pop("quick", {}) or {}
     if quick:  # reproduce keys, and `pipeline:` overrides of the other sections
@@ -290,6 +289,7 @@ def run_arm(recipe_path: str, quick: bool, work: str, results: str, arm_name: st
     """Train (all stages) and evaluate one arm for one seed; writes and returns its result JSON path."""
     import torch
 
+    revision()  # the code this worker is about to load
     torch.set_num_threads(int(os.environ.get("REPRO_THREADS", "1")))
     recipe, work_dir, arm = load_recipe(Path(recipe_path), quick), Path(work), ARMS[arm_name]
     target = Path(results) / f"{arm_name}-seed{seed}.json"
@@ -344,8 +344,10 @@ def run_arm(recipe_path: str, quick: bool, work: str, results: str, arm_name: st
     return str(target)
 
 
+@functools.cache
 def revision() -> str:
-    """The library's git commit when this process runs it, '+dirty' when tracked files differ from it."""
+    """The library's git commit when this process first asks (a worker asks before it imports tgrl_lib),
+    '+dirty' when tracked files under tgrl_lib/ or benchmarks/ differ from it."""
     import subprocess
 
     def git(*args: str) -> str:
@@ -378,6 +380,7 @@ def data_paths(work: Path) -> dict[str, Path]:
 def prepare_seed(recipe_path: str, quick: bool, work: str, seed: int) -> dict[str, Any]:
     import torch
 
+    revision()
     torch.set_num_threads(int(os.environ.get("REPRO_THREADS", "1")))
     recipe, work_dir = load_recipe(Path(recipe_path), quick), Path(work)
     marker = work_dir / f"seed{seed}" / "start.json"
@@ -430,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     from reproduce_report import write_report
 
     args = parse_args(argv)
+    revision()  # before any work, so later edits to the checkout do not relabel this invocation
     signal.signal(signal.SIGTERM, _interrupted)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TGRL_PROGRESS", "0")

@@ -185,30 +185,30 @@ def family_table(runs: dict, arms: dict, order: list[str]) -> list[str]:
     return lines
 
 
-def comparisons(runs: dict, arms: dict, order: list[str]) -> list[str]:
-    """TGRL full minus each arm, paired by seed (same start model)."""
+def comparisons(runs: dict, arms: dict, order: list[str], ref: str, minus: bool) -> list[str]:
+    """Paired by seed (same start model): `ref` minus each arm (minus=True), or each arm minus `ref`."""
+    title = arms[ref].title
+    head = f"{title} minus" if minus else f"arm minus {title}"
     lines = [
-        "| TGRL full minus | seeds | Δ accuracy (mean) | per seed | TGRL higher | Δ grounding (mean) |",
+        f"| {head} | seeds | Δ accuracy (mean) | per seed | higher in | Δ grounding (mean) |",
         "|---|---|---|---|---|---|",
     ]
+
+    def delta(name: str, s: int, key: str) -> float:
+        a, b = (runs[(ref, s)], runs[(name, s)]) if minus else (runs[(name, s)], runs[(ref, s)])
+        return (a["final"].get(key) or 0.0) - (b["final"].get(key) or 0.0)
+
     for name in order:
-        if name == REFERENCE:
+        seeds = sorted(s for (a, s) in runs if a == name and (ref, s) in runs)
+        if name == ref or not seeds:
             continue
-        seeds = sorted(s for (a, s) in runs if a == name and (REFERENCE, s) in runs)
-        if not seeds:
-            continue
-        acc = [
-            runs[(REFERENCE, s)]["final"]["accuracy"] - runs[(name, s)]["final"]["accuracy"] for s in seeds
-        ]
-        grd = [
-            (runs[(REFERENCE, s)]["final"].get("grounding") or 0)
-            - (runs[(name, s)]["final"].get("grounding") or 0)
-            for s in seeds
-        ]
+        acc = [delta(name, s, "accuracy") for s in seeds]
+        grd = [delta(name, s, "grounding") for s in seeds]
         wins = sum(d > 0 for d in acc)
         lines.append(
             f"| {arms[name].title} | {len(seeds)} | {statistics.mean(acc):+.3f} | "
-            f"{', '.join(f'{d:+.3f}' for d in acc)} | {wins}/{len(seeds)} | {statistics.mean(grd):+.3f} |"
+            f"{', '.join(f'{d:+.3f}' for d in acc)} | {wins}/{len(seeds)} seeds | "
+            f"{statistics.mean(grd):+.3f} |"
         )
     return lines
 
@@ -257,6 +257,12 @@ def write_report(
         "problems on the filtered experts (per seed, shared by all arms, not counted in the budget)"
         if r.warm_start
         else "the model as initialised (no warm start)"
+    )
+    sft_text = (
+        f"an SFT update trains on {t.problems_per_step * t.group_size} expert trajectories (one each for "
+        f"{t.problems_per_step} x G problems: as many sequences as an RL update)"
+        if getattr(r, "sft_sequences", "problems") == "group"
+        else "an SFT update trains on one expert trajectory for each of the same number of problems"
     )
     wall = sum(i["wall_s"] for i in invocations)
     runs_text = ", ".join(
@@ -317,9 +323,11 @@ def write_report(
         f"- budget: {r.steps} optimizer updates per trained arm (one update per step: minibatch = whole "
         "batch); "
         f"{t.problems_per_step} problems per update; RL arms sample G={t.group_size} at temperature "
-        f"{t.temperature}, max {t.max_new_tokens} new tokens; SFT uses the same problems per update with one "
-        f"expert trajectory each; lr {t.lr}, token-mean loss, clip {t.loss.clip}, shaping gamma "
-        f"{t.loss.shaping_gamma}, reward = correct + {t.format_reward} x format",
+        f"{t.temperature}, max {t.max_new_tokens} new tokens; {sft_text}; lr {t.lr}, "
+        f"{t.loss.aggregation} loss, clip {t.loss.clip}, shaping gamma "
+        f"{t.loss.shaping_gamma}, reward = correct + {t.format_reward} x format; token weights (arms that "
+        f"keep them) {t.weighting.kind} on {t.weighting.apply_to} tokens, clipped to "
+        f"[{t.weighting.w_min}, {t.weighting.w_max}]",
         "- evaluation: `tgrl_lib.evaluation.evaluate`, greedy, max "
         f"{recipe.pipeline.eval.max_new_tokens} new "
         f"tokens, on the test split, after every {r.curve_every} updates and at the end",
@@ -356,7 +364,10 @@ def write_report(
         ]
     out += ["", "### Raw per-seed numbers", ""] + per_seed_table(runs, arms, order)
     out += ["", "### Accuracy per task family (mean over seeds)", ""] + family_table(runs, arms, order)
-    out += ["", "### TGRL full against each arm (paired by seed)", ""] + comparisons(runs, arms, order)
+    out += ["", "### Each arm against its start model (paired by seed)", ""]
+    out += comparisons(runs, arms, order, "untrained", minus=False)
+    out += ["", "### TGRL full against each arm (paired by seed)", ""]
+    out += comparisons(runs, arms, order, REFERENCE, minus=True)
     out += ["", "## Learning curves", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     out += [
         "",
