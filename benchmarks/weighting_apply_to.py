@@ -1,11 +1,14 @@
 """Which tokens should visual-dependency weights apply to? A short probe from the reproduction's warm start.
 
-The reproduction table (benchmarks/reproduce.py) showed the arms with visual-dependency weights
-(`apply_to: both`) losing the answer format on 2 of 3 seeds. This script trains TGRL for 40 updates from
-one warm start with each weighting variant and prints the on-policy format rate and accuracy per 10-step
-window (the trainer's own metrics), so the variants can be compared in a few minutes:
+The first reproduction table (benchmarks/results/archive/reproduction-v1) showed the arms with
+visual-dependency weights (`apply_to: both`) losing the answer format on 2 of 3 seeds. This script trains
+TGRL for 40 updates from one of that recipe's warm starts with each weighting variant and prints the
+on-policy format rate and accuracy per 10-step window (the trainer's own metrics), so the variants can be
+compared in a few minutes. It uses that first recipe (kept beside its results), not the current one:
 
-    .venv/bin/python benchmarks/reproduce.py --jobs 2 --work /tmp/repro_work     # makes the warm start
+    V1=benchmarks/results/archive/reproduction-v1/repro-tiny-cpu.yaml
+    .venv/bin/python benchmarks/reproduce.py --recipe $V1 --work /tmp/repro_work --results /tmp/repro_v1 \
+        --arms untrained                                                         # data + warm starts
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/weighting_apply_to.py --work /tmp/repro_work \\
         --variant vd_both --seed 1
 
@@ -25,7 +28,7 @@ from tgrl_lib.config import TrainConfig
 from tgrl_lib.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "benchmarks" / "configs" / "repro-tiny-cpu.yaml"
+RECIPE = REPO / "benchmarks" / "results" / "archive" / "reproduction-v1" / "repro-tiny-cpu.yaml"
 VARIANTS = {
     "vd_both": {"kind": "visual_dependency", "apply_to": "both"},
     "vd_expert": {"kind": "visual_dependency", "apply_to": "expert"},
