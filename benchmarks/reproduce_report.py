@@ -60,6 +60,57 @@ def chance_baselines(work: Path) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------- plots
+STAT_KEYS = (
+    ("expert_share", "expert tokens / all trained tokens"),
+    ("expert/grad_weight_mean", "expert-token gradient factor (shaping)"),
+    ("expert/advantage_mean", "expert advantage"),
+    ("expert/prob_mean", "expert-token p"),
+    ("weights/mean", "token weight mean"),
+    ("weights/clip_frac", "weights clipped"),
+    ("reward/accuracy", "on-policy accuracy (last 50 updates)"),
+)
+
+
+def train_stats(work: Path, runs: dict, order: list[str]) -> dict[str, dict[str, float]]:
+    """Per arm, the RL stages' trainer metrics (work/seedN/ARM/stageK-*/metrics.jsonl) averaged over updates
+    and then over seeds: how much of each update the expert tokens carry, and what the token weights did."""
+    per_arm: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for arm, seed in sorted(runs):
+        for stage in sorted((work / f"seed{seed}" / arm).glob("stage*-*")):
+            metrics = stage / "metrics.jsonl"
+            if stage.name.endswith("-sft") or not metrics.exists():
+                continue
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            rows = [r for r in rows if r.get("step", 0) > 0]
+            if not rows:
+                continue
+            for r in rows:
+                total = r.get("tokens/expert", 0.0) + r.get("tokens/policy", 0.0)
+                r["expert_share"] = r.get("tokens/expert", 0.0) / total if total else 0.0
+            for key, _ in STAT_KEYS:
+                chosen = rows[-50:] if key == "reward/accuracy" else rows
+                values = [r[key] for r in chosen if key in r]
+                if values:
+                    per_arm[arm][key].append(statistics.mean(values))
+    return {a: {k: statistics.mean(v) for k, v in per_arm[a].items()} for a in order if a in per_arm}
+
+
+def stats_table(stats: dict[str, dict[str, float]], arms: dict) -> list[str]:
+    lines = ["| arm | " + " | ".join(t for _, t in STAT_KEYS) + " |", "|---|" + "---|" * len(STAT_KEYS)]
+    for name, row in stats.items():
+        no_experts, no_weights = not row.get("expert_share"), not row.get("weights/mean")
+        cells = [
+            "-"
+            if k not in row
+            or (no_experts and k.startswith("expert") and k != "expert_share")
+            or (no_weights and k.startswith("weights/"))
+            else f"{row[k]:.3f}"
+            for k, _ in STAT_KEYS
+        ]
+        lines.append(f"| {arms[name].title} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_curves(runs: dict, arms: dict, order: list[str], chance: dict[str, float], out: Path) -> list[Path]:
     import matplotlib
 
@@ -234,6 +285,7 @@ def write_report(
     if (runs_dir / "invocations.jsonl").exists():
         invocations = [json.loads(x) for x in (runs_dir / "invocations.jsonl").read_text().splitlines() if x]
     start = next((r for (a, _), r in sorted(runs.items()) if a == "untrained"), None)
+    stats = train_stats(work, runs, order)
     summary = {
         "recipe": recipe.path.name,
         "fingerprint": recipe.fingerprint,
@@ -242,6 +294,7 @@ def write_report(
         "machine": machine,
         "chance": chance,
         "invocations": invocations,
+        "train_stats": stats,
         "arms": {
             n: {k: [r["final"].get(k) for (a, _), r in sorted(runs.items()) if a == n] for k, _ in METRICS}
             | {"seeds": [s for (a, s) in sorted(runs) if a == n]}
@@ -368,6 +421,18 @@ def write_report(
     out += comparisons(runs, arms, order, "untrained", minus=False)
     out += ["", "### TGRL full against each arm (paired by seed)", ""]
     out += comparisons(runs, arms, order, REFERENCE, minus=True)
+    if stats:
+        out += [
+            "",
+            "### What the RL updates trained on (trainer metrics, mean over updates, then over seeds)",
+            "",
+            "The expert-token gradient factor is d(shaped ratio)/d(log p) = gamma p / (p + gamma)^2 "
+            "averaged over expert tokens (1 would be plain log-likelihood, as in SFT); token weights are "
+            "those on the tokens they apply to. Per-update values are in the work directory's "
+            "`seedN/ARM/stage*/metrics.jsonl`.",
+            "",
+        ]
+        out += stats_table(stats, arms)
     out += ["", "## Learning curves", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     out += [
         "",
