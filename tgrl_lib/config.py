@@ -340,12 +340,20 @@ def _unique_mapping(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, 
 _RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def _load_recipe(text: str) -> Any:
+    loader = _RecipeLoader(text)  # a SafeLoader: no Python object tags
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TgrlError("config file not found", path=path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # a SafeLoader subclass
+        data = _load_recipe(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
