@@ -41,6 +41,7 @@ def test_section_loading(tmp_path):
         ("train:\n  steps: 3\ntrain:\n  steps: 4\n", "key 'train' given twice"),
         ("- a\n- b\n", "must be a mapping"),
         ("train:\n  mixing:\n    n_expert: 8\n", "n_expert must be smaller"),
+        ("train:\n  weighting:\n    normalise: rank\n    w_min: 1.2\n", "rank needs w_min <= 1"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, message):

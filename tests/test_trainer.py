@@ -100,6 +100,27 @@ def test_update_equals_independent_grpo_reference(policy, aggregation):
         torch.testing.assert_close(grad, expected.get(name, torch.zeros_like(grad)), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("normalise", ["mean", "rank"])
+def test_prepare_batch_weights_follow_the_normalise_switch(policy, normalise):
+    config = TrainConfig(
+        algorithm="grpo", group_size=4, micro_batch_size=4, max_new_tokens=8,
+        weighting={"kind": "visual_dependency", "apply_to": "both", "normalise": normalise},
+    )  # fmt: skip
+    groups = _groups(policy, [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    rewards = torch.tensor([[s.reward for s in g.samples] for g in groups])
+    batch = build_batch(policy.processor, groups, group_advantages(rewards), config.max_new_tokens)
+    stats = prepare_batch(batch, policy.model, policy.processor, config)
+    valid = batch.seq.response_mask.bool()
+    weights = batch.token_weights[valid]
+    assert weights.numel() > 8 and weights.std() > 0  # the blanked image changed some log-probs
+    assert stats["weights/mean"] == pytest.approx(float(weights.mean()))
+    if normalise == "rank":  # mean exactly 1, strictly inside the bounds
+        assert stats["weights/mean"] == pytest.approx(1.0, abs=1e-5) and stats["weights/clip_frac"] == 0.0
+        assert weights.min() > 0.5 and weights.max() < 1.5
+    else:
+        assert weights.min() >= 0.5 and weights.max() <= 2.0
+
+
 def _trajectory(text: str, problem_id: str = "p0") -> Trajectory:
     return Trajectory(problem_id=problem_id, source="expert:test", text=text)
 

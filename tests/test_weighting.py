@@ -127,6 +127,38 @@ def test_scores_outside_the_selection_are_ignored_even_if_nan():
     assert not torch.isnan(w).any()
 
 
+def test_rank_weights_hand_values_with_ties():
+    # valid scores 0, 0, 3 | 1, 0: three tied zeros share ranks 0-2 (mid 1), then 1 (rank 3), 3 (rank 4)
+    raw = torch.tensor([[0.0, 0.0, 3.0, 99.0], [1.0, 0.0, 99.0, 99.0]])
+    w = normalise_weights(raw, MASK, w_min=0.5, w_max=2.0, method="rank")
+    # quantile (rank + 0.5) / 5 -> 0.3, 0.3, 0.9 | 0.7, 0.3; w = 1 + 0.5 * (2q - 1); padding -> 1
+    close(w, [[0.8, 0.8, 1.4, 1.0], [1.2, 0.8, 1.0, 1.0]])
+
+
+def test_rank_weights_keep_mean_one_where_mean_normalisation_collapses_to_w_min():
+    torch.manual_seed(0)
+    mask = torch.ones(16, 32, dtype=torch.bool)
+    raw = torch.distributions.Exponential(1.0).sample((16, 32)) ** 4  # heavy-tailed, like the VD scores
+    by_mean = normalise_weights(raw, mask, w_min=0.5, w_max=2.0)
+    by_rank = normalise_weights(raw, mask, w_min=0.5, w_max=2.0, method="rank")
+    assert weight_stats(by_mean, mask)["weights/clip_frac"] > 0.5  # the degeneracy rank avoids
+    assert by_rank.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert weight_stats(by_rank, mask)["weights/clip_frac"] == 0.0
+    assert by_rank.min().item() > 0.5 and by_rank.max().item() < 1.5
+    # only the order matters: a monotone transform of the scores gives the same weights
+    torch.testing.assert_close(normalise_weights(raw.sqrt(), mask, method="rank"), by_rank)
+    order = raw.flatten().argsort()
+    assert (by_rank.flatten()[order].diff() >= 0).all()
+
+
+def test_rank_weights_alpha_and_asymmetric_bounds():
+    raw = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 0.0, 0.0]])
+    # quantiles 0.1, 0.3, 0.5, 0.7, 0.9; half span min(1 - 0.8, 3 - 1) = 0.2, alpha 0.5 -> +-0.08 at the ends
+    w = normalise_weights(raw, MASK, w_min=0.8, w_max=3.0, alpha=0.5, method="rank")
+    assert w[MASK].tolist() == pytest.approx([0.92, 0.96, 1.0, 1.04, 1.08])
+    assert torch.equal(normalise_weights(torch.zeros(2, 4), MASK, method="rank"), torch.ones(2, 4))
+
+
 @pytest.mark.parametrize(
     ("raw", "kwargs", "fragment"),
     [
@@ -137,6 +169,8 @@ def test_scores_outside_the_selection_are_ignored_even_if_nan():
         (torch.ones(2, 4), {"apply_to": "all"}, "apply_to"),
         (torch.ones(2, 3), {}, "shape"),
         (torch.ones(2, 4), {"apply_to": "expert", "expert_mask": torch.tensor([True])}, "expert_mask"),
+        (torch.ones(2, 4), {"method": "softmax"}, "unknown normalisation"),
+        (torch.ones(2, 4), {"method": "rank", "w_min": 1.2, "w_max": 2.0}, "w_min <= 1 <= w_max"),
     ],
 )
 def test_normalise_rejects_bad_inputs(raw, kwargs, fragment):

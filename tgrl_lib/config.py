@@ -143,6 +143,18 @@ class WeightingConfig(StepConfig):
     w_min: float = Field(0.5, ge=0.0, description="Lower clip of the normalised weights.")
     w_max: float = Field(2.0, gt=0.0, description="Upper clip of the normalised weights.")
     alpha: float = Field(1.0, ge=0.0, le=1.0, description="0 = uniform, 1 = full reweighting.")
+    normalise: Literal["mean", "rank"] = Field(
+        "mean",
+        description="How scores become weights: mean (divide by the mean, then clip to [w_min, w_max]) or "
+        "rank (by quantile, symmetric around 1, never clipped; robust to heavy-tailed scores, where mean "
+        "put ~92% of expert tokens at w_min on the tiny recipe).",
+    )
+
+    @model_validator(mode="after")
+    def _rank_bounds(self) -> WeightingConfig:
+        if self.normalise == "rank" and not self.w_min <= 1.0 <= self.w_max:
+            raise ValueError(f"normalise: rank needs w_min <= 1 <= w_max, got {self.w_min}, {self.w_max}")
+        return self
 
 
 class MixingConfig(StepConfig):

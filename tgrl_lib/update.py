@@ -162,6 +162,7 @@ def prepare_batch(
         w_max=w.w_max,
         alpha=w.alpha,
         apply_to=w.apply_to,
+        method=w.normalise,
     )
     chosen = selected_tokens(mask, w.apply_to, batch.expert_mask)
     return weight_stats(batch.token_weights, chosen, w_min=w.w_min, w_max=w.w_max)

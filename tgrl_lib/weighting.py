@@ -12,11 +12,21 @@ Scores (raw, >= 0, no gradient):
 - ``entropy``: the policy's entropy at the token's position (high-entropy "forking" tokens, as in
   "Beyond the 80/20 rule" and TW-GRPO; TW-GRPO uses entropy across the group, we use the per-token one).
 
-Normalisation (`normalise_weights`), over the tokens the weights apply to (``apply_to``):
-``w = raw / mean(raw)`` (mean 1), then ``w = (1 - alpha) + alpha * w`` (still mean 1), then
-``w = clip(w, w_min, w_max)``. There is NO renormalisation after clipping: every weight is guaranteed to
-lie in [w_min, w_max], and the mean after clipping may differ from 1 (`weight_stats` reports it). Pass the
-whole rollout batch, not a micro-batch, so a token's weight does not depend on how the batch is split.
+Normalisation (`normalise_weights`), over the tokens the weights apply to (``apply_to``), one of:
+
+- ``mean`` (default): ``w = raw / mean(raw)`` (mean 1), then ``w = (1 - alpha) + alpha * w`` (still
+  mean 1), then ``w = clip(w, w_min, w_max)``. There is NO renormalisation after clipping: every weight
+  lies in [w_min, w_max], and the mean after clipping may differ from 1 (`weight_stats` reports it).
+  Heavy-tailed scores make this degenerate: measured on the tiny reproduction recipe, visual-dependency
+  scores are near 0 for most tokens, so ~92% of them sat at w_min and the mean weight was 0.66.
+- ``rank``: each token's score is replaced by its quantile ``q = (rank + 0.5) / n`` among the selected
+  tokens (tied scores share their average rank), and ``w = 1 + alpha * h * (2q - 1)`` with
+  ``h = min(1 - w_min, w_max - 1)``. The mean is exactly 1, no weight is clipped, and only the order of
+  the scores matters, so one outlier cannot flatten the rest. With the default bounds the weights span
+  (0.5, 1.5); tokens that all score 0 share one weight below 1.
+
+Pass the whole rollout batch, not a micro-batch, so a token's weight does not depend on how the batch is
+split.
 """
 
 from __future__ import annotations
@@ -64,17 +74,25 @@ def normalise_weights(
     alpha: float = 1.0,
     apply_to: str = "both",
     expert_mask: Tensor | None = None,
+    method: str = "mean",
 ) -> Tensor:
-    """Turn raw scores [B, T] into weights [B, T]: mean 1 over the selected tokens, blended, clipped.
+    """Turn raw scores [B, T] into weights [B, T] with mean 1 over the selected tokens (see the module
+    docstring for the `method`s "mean" and "rank").
 
     Selected tokens are the valid (`mask`) tokens of the rows `apply_to` names ("expert", "policy" or
     "both"; `expert_mask` [B] marks expert rows). Every other position gets 1. If no token is selected or
-    all selected scores are 0, all weights are 1. Not renormalised after clipping (see module docstring).
+    all selected scores are 0, all weights are 1.
     """
     if not 0.0 <= w_min <= w_max or not 0.0 <= alpha <= 1.0:
         raise TgrlError(
             f"weighting: need 0 <= w_min <= w_max and 0 <= alpha <= 1, got {w_min}, {w_max}, {alpha}"
         )
+    if method not in NORMALISERS:
+        raise TgrlError(
+            f"weighting: unknown normalisation {method!r}", hint=f"use one of {list(NORMALISERS)}"
+        )
+    if method == "rank" and not w_min <= 1.0 <= w_max:
+        raise TgrlError(f"weighting: rank normalisation needs w_min <= 1 <= w_max, got {w_min}, {w_max}")
     _check_same("mask", mask, raw)
     selected = selected_tokens(mask, apply_to, expert_mask)  # [B, T]
     scores = torch.where(selected, raw.detach().float(), 0.0)  # [B, T]
@@ -86,9 +104,34 @@ def normalise_weights(
     n = int(selected.sum())
     if n == 0 or float(scores.sum()) == 0.0:
         return ones
-    normalised = scores / (scores.sum() / n)  # [B, T]  mean 1 over the selected tokens
-    blended = (1.0 - alpha) + alpha * normalised  # [B, T]  alpha=0 uniform, alpha=1 full
-    return torch.where(selected, blended.clamp(w_min, w_max), ones)
+    weights = NORMALISERS[method](scores[selected], w_min, w_max, alpha)  # [n]
+    out = ones.clone()
+    out[selected] = weights
+    return out
+
+
+def _mean_weights(scores: Tensor, w_min: float, w_max: float, alpha: float) -> Tensor:
+    """Scores [n] -> scores / mean, blended towards 1 by alpha, clipped to [w_min, w_max]. [n]"""
+    normalised = scores / scores.mean()  # [n]  mean 1
+    return ((1.0 - alpha) + alpha * normalised).clamp(w_min, w_max)  # alpha=0 uniform, alpha=1 full
+
+
+def _rank_weights(scores: Tensor, w_min: float, w_max: float, alpha: float) -> Tensor:
+    """Scores [n] -> weights from their quantiles, symmetric around 1 (mean exactly 1), never clipped. [n]"""
+    n = scores.numel()
+    _, inverse, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # [u]  rank of the first token holding each distinct value
+    mid_rank = first.float() + (counts.float() - 1.0) / 2.0  # [u]  ties share their average rank
+    quantile = (mid_rank[inverse] + 0.5) / n  # [n]  in (0, 1), mean 0.5
+    half_span = min(1.0 - w_min, w_max - 1.0)
+    return 1.0 + alpha * half_span * (2.0 * quantile - 1.0)
+
+
+# method -> (selected scores [n], w_min, w_max, alpha) -> weights [n]
+NORMALISERS: dict[str, Callable[[Tensor, float, float, float], Tensor]] = {
+    "mean": _mean_weights,
+    "rank": _rank_weights,
+}
 
 
 def _score_visual_dependency(
@@ -132,6 +175,7 @@ def compute_token_weights(
     w_max: float = 2.0,
     alpha: float = 1.0,
     apply_to: str = "both",
+    method: str = "mean",
 ) -> Tensor:
     """Token weights [B, T] of the given kind ("none", "visual_dependency", "entropy"), normalised.
 
@@ -149,7 +193,14 @@ def compute_token_weights(
     if raw is None:
         return torch.ones(response_mask.shape, dtype=torch.float32, device=response_mask.device)
     return normalise_weights(
-        raw, response_mask, w_min=w_min, w_max=w_max, alpha=alpha, apply_to=apply_to, expert_mask=expert_mask
+        raw,
+        response_mask,
+        w_min=w_min,
+        w_max=w_max,
+        alpha=alpha,
+        apply_to=apply_to,
+        expert_mask=expert_mask,
+        method=method,
     )
 
 
