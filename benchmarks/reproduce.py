@@ -175,6 +175,19 @@ def load_recipe(path: Path, quick: bool) -> Recipe:
     return Recipe(path, PipelineConfig.model_validate(data), repro)
 
 
+def load_unchanged(recipe_path: str, quick: bool, work: str) -> Recipe:
+    """The recipe as a worker reads it, refused if it is not the one the invocation started with (whose
+    fingerprint `check_fingerprint` stamped into the work directory): an edit mid-run would mix recipes."""
+    recipe = load_recipe(Path(recipe_path), quick)
+    started = (Path(work) / "fingerprint.txt").read_text().strip()
+    if recipe.fingerprint != started:
+        raise RuntimeError(
+            f"{recipe_path} changed while this invocation ran (fingerprint {started} at the start, "
+            f"{recipe.fingerprint} now): restore it, or start again with a new --work and --results"
+        )
+    return recipe
+
+
 # ------------------------------------------------------------------------------------- data + start
 def prepare_data(recipe: Recipe, work: Path) -> dict[str, Path]:
     """Splits, raw oracle trajectories (faults injected) and the filtered ones; skipped when present."""
@@ -288,10 +301,11 @@ def train_metrics(out: Path, offset: int) -> list[dict[str, float]]:
 def run_arm(recipe_path: str, quick: bool, work: str, results: str, arm_name: str, seed: int) -> str:
     """Train (all stages) and evaluate one arm for one seed; writes and returns its result JSON path."""
     import torch
+    from reproduce_report import rl_update_stats
 
     revision()  # the code this worker is about to load
     torch.set_num_threads(int(os.environ.get("REPRO_THREADS", "1")))
-    recipe, work_dir, arm = load_recipe(Path(recipe_path), quick), Path(work), ARMS[arm_name]
+    recipe, work_dir, arm = load_unchanged(recipe_path, quick, work), Path(work), ARMS[arm_name]
     target = Path(results) / f"{arm_name}-seed{seed}.json"
     paths = data_paths(work_dir)
     start = json.loads((work_dir / f"seed{seed}" / "start.json").read_text())
@@ -331,6 +345,7 @@ def run_arm(recipe_path: str, quick: bool, work: str, results: str, arm_name: st
         "final": {k: v for k, v in final_metrics.items() if k != "step"},
         "curve": curve,
         "train": train_rows,
+        "rl_updates": rl_update_stats(sorted(run_dir.glob("stage*-*"))),
         "wall_s": round(time.perf_counter() - t0, 1),
         "revision": revision(),
     } | extra
@@ -382,7 +397,7 @@ def prepare_seed(recipe_path: str, quick: bool, work: str, seed: int) -> dict[st
 
     revision()
     torch.set_num_threads(int(os.environ.get("REPRO_THREADS", "1")))
-    recipe, work_dir = load_recipe(Path(recipe_path), quick), Path(work)
+    recipe, work_dir = load_unchanged(recipe_path, quick, work), Path(work)
     marker = work_dir / f"seed{seed}" / "start.json"
     if marker.exists():
         return json.loads(marker.read_text())

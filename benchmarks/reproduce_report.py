@@ -71,27 +71,34 @@ STAT_KEYS = (
 )
 
 
-def train_stats(work: Path, runs: dict, order: list[str]) -> dict[str, dict[str, float]]:
-    """Per arm, the RL stages' trainer metrics (work/seedN/ARM/stageK-*/metrics.jsonl) averaged over updates
-    and then over seeds: how much of each update the expert tokens carry, and what the token weights did."""
+def rl_update_stats(stage_dirs: list[Path]) -> dict[str, float]:
+    """One run's RL stages (their `metrics.jsonl`; SFT stages skipped), each STAT_KEYS value averaged over
+    the updates (on-policy accuracy over the last 50): how much of each update the expert tokens carry, and
+    what the token weights did. Stored in the run's JSON, so the report does not need the work directory."""
+    rows = []
+    for stage in stage_dirs:
+        metrics = stage / "metrics.jsonl"
+        if stage.name.endswith("-sft") or not metrics.exists():
+            continue
+        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        rows += [r for r in lines if r.get("step", 0) > 0]
+    for r in rows:
+        total = r.get("tokens/expert", 0.0) + r.get("tokens/policy", 0.0)
+        r["expert_share"] = r.get("tokens/expert", 0.0) / total if total else 0.0
+    stats = {}
+    for key, _ in STAT_KEYS:
+        values = [r[key] for r in (rows[-50:] if key == "reward/accuracy" else rows) if key in r]
+        if values:
+            stats[key] = statistics.mean(values)
+    return stats
+
+
+def train_stats(runs: dict, order: list[str]) -> dict[str, dict[str, float]]:
+    """Per arm, the runs' `rl_updates` averaged over seeds (arms without RL updates are left out)."""
     per_arm: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for arm, seed in sorted(runs):
-        for stage in sorted((work / f"seed{seed}" / arm).glob("stage*-*")):
-            metrics = stage / "metrics.jsonl"
-            if stage.name.endswith("-sft") or not metrics.exists():
-                continue
-            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            rows = [r for r in rows if r.get("step", 0) > 0]
-            if not rows:
-                continue
-            for r in rows:
-                total = r.get("tokens/expert", 0.0) + r.get("tokens/policy", 0.0)
-                r["expert_share"] = r.get("tokens/expert", 0.0) / total if total else 0.0
-            for key, _ in STAT_KEYS:
-                chosen = rows[-50:] if key == "reward/accuracy" else rows
-                values = [r[key] for r in chosen if key in r]
-                if values:
-                    per_arm[arm][key].append(statistics.mean(values))
+    for (arm, _), run in sorted(runs.items()):
+        for key, value in run.get("rl_updates", {}).items():
+            per_arm[arm][key].append(value)
     return {a: {k: statistics.mean(v) for k, v in per_arm[a].items()} for a in order if a in per_arm}
 
 
@@ -285,7 +292,7 @@ def write_report(
     if (runs_dir / "invocations.jsonl").exists():
         invocations = [json.loads(x) for x in (runs_dir / "invocations.jsonl").read_text().splitlines() if x]
     start = next((r for (a, _), r in sorted(runs.items()) if a == "untrained"), None)
-    stats = train_stats(work, runs, order)
+    stats = train_stats(runs, order)
     summary = {
         "recipe": recipe.path.name,
         "fingerprint": recipe.fingerprint,
@@ -428,8 +435,8 @@ def write_report(
             "",
             "The expert-token gradient factor is d(shaped ratio)/d(log p) = gamma p / (p + gamma)^2 "
             "averaged over expert tokens (1 would be plain log-likelihood, as in SFT); token weights are "
-            "those on the tokens they apply to. Per-update values are in the work directory's "
-            "`seedN/ARM/stage*/metrics.jsonl`.",
+            "those on the tokens they apply to. Per-run values are each run JSON's `rl_updates`; "
+            "per-update values are in the work directory's `seedN/ARM/stage*/metrics.jsonl`.",
             "",
         ]
         out += stats_table(stats, arms)
