@@ -156,7 +156,8 @@ def plot_curves(runs: dict, arms: dict, order: list[str], chance: dict[str, floa
         ax.grid(alpha=0.3)
     if "blind_prior" in chance:
         axes[0].axhline(chance["blind_prior"], color="k", ls="--", lw=1, label="blind prior (no image)")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # a quick run may have no non-zero series
+        axes[0].legend(fontsize=7)
     fig.suptitle("Held-out learning curves (mean over seeds; band = min..max)")
     fig.tight_layout()
     paths.append(out / "reproduction_curves.png")
@@ -175,7 +176,8 @@ def plot_curves(runs: dict, arms: dict, order: list[str], chance: dict[str, floa
     for ax in axes:
         ax.set_xlabel("optimizer updates")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # a quick run may have no non-zero series
+        axes[0].legend(fontsize=7)
     fig.suptitle("Training curves from the trainer's metrics (mean over seeds)")
     fig.tight_layout()
     paths.append(out / "reproduction_train.png")
