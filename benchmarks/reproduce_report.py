@@ -388,8 +388,8 @@ def write_report(
         f"{t.temperature}, max {t.max_new_tokens} new tokens; {sft_text}; lr {t.lr}, "
         f"{t.loss.aggregation} loss, clip {t.loss.clip}, shaping gamma "
         f"{t.loss.shaping_gamma}, reward = correct + {t.format_reward} x format; token weights (arms that "
-        f"keep them) {t.weighting.kind} on {t.weighting.apply_to} tokens, clipped to "
-        f"[{t.weighting.w_min}, {t.weighting.w_max}]",
+        f"keep them) {t.weighting.kind} on {t.weighting.apply_to} tokens, {t.weighting.normalise}-"
+        f"normalised within [{t.weighting.w_min}, {t.weighting.w_max}]",
         "- evaluation: `tgrl_lib.evaluation.evaluate`, greedy, max "
         f"{recipe.pipeline.eval.max_new_tokens} new "
         f"tokens, on the test split, after every {r.curve_every} updates and at the end",
