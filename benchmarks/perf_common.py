@@ -307,6 +307,34 @@ def command_line(script: str, argv: list[str]) -> str:
     return shlex.join([".venv/bin/python", script, *argv])
 
 
+class Provenance:
+    """Where, with what and how long a benchmark ran: made before the work, `fields` read after it."""
+
+    def __init__(self, script: str, argv: list[str]) -> None:
+        self.script, self.argv = script, argv
+        self.load_start, self.started = load_average(), time.time()
+
+    def fields(self, args: Any) -> dict[str, Any]:
+        """The result keys every benchmark writes: command, machine, versions, load, duration, settings."""
+        return {
+            "command": command_line(self.script, self.argv),
+            "machine": machine(),
+            "versions": versions(),
+            "load_average_start": self.load_start,
+            "load_average_end": load_average(),
+            "duration_s": time.time() - self.started,
+            "settings": vars(args) | {"workload": WORKLOAD},
+        }
+
+
+def entry_point(main: Any, run_worker: Any = None) -> None:
+    """A benchmark script's `__main__`: a `--worker` process runs one measured run, otherwise `main`."""
+    if run_worker is not None and "--worker" in sys.argv:
+        worker_main(run_worker)
+    else:
+        sys.exit(main(sys.argv[1:]))
+
+
 def save_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"perf_{name}.json"

@@ -36,15 +36,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_common import (
-    WORKLOAD,
-    command_line,
-    load_average,
-    machine,
+    Provenance,
+    entry_point,
     measured,
     prepare_workdir,
     run_ours,
     save_result,
-    versions,
 )
 
 VARIANTS = {
@@ -257,8 +254,7 @@ def main(argv: list[str]) -> int:
 
     from tgrl_lib.models import load_policy
 
-    load_start = load_average()
-    started = time.time()
+    run = Provenance("benchmarks/perf_mfu.py", argv)
     torch.set_num_threads(args.threads)
     peak_before = matmul_peak(args.threads)
     variants = {}
@@ -270,13 +266,7 @@ def main(argv: list[str]) -> int:
     peak_after = matmul_peak(args.threads)
     result = {
         "benchmark": "mfu",
-        "command": command_line("benchmarks/perf_mfu.py", argv),
-        "machine": machine(),
-        "versions": versions(),
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "duration_s": time.time() - started,
-        "settings": vars(args) | {"workload": WORKLOAD},
+        **run.fields(args),
         "matmul_peak_start": peak_before,
         "matmul_peak_end": peak_after,
         "model": sizes,
@@ -291,4 +281,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    entry_point(main)

@@ -53,20 +53,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_common import (
     WORKLOAD,
+    Provenance,
     bench_reward,
-    command_line,
+    entry_point,
     install_bench_reward,
     interleaved,
     intervals,
-    load_average,
-    machine,
     ours_config,
     prepare_workdir,
     run_ours,
     save_result,
     spawn,
-    versions,
-    worker_main,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -275,8 +272,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of each run")
     parser.add_argument("--code", help="directory with the tgrl_lib to measure (default: this checkout)")
     args = parser.parse_args(argv)
-    load_start = load_average()
-    started = time.time()
+    run = Provenance("benchmarks/perf_step.py", argv)
     code = Path(args.code).resolve() if args.code else None
     with tempfile.TemporaryDirectory(prefix="perf_step_") as tmp:
         workdir = Path(tmp)
@@ -296,13 +292,7 @@ def main(argv: list[str]) -> int:
             print(f"alternating process {i + 1}/{args.alternating}: median step ratio ours/TRL {ratio:.3f}")
     result = {
         "benchmark": "step",
-        "command": command_line("benchmarks/perf_step.py", argv),
-        "machine": machine(),
-        "versions": versions(),
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "duration_s": time.time() - started,
-        "settings": vars(args) | {"workload": WORKLOAD},
+        **run.fields(args),
         "pairs": [{"ours": a, "trl": b} for a, b in pairs],
         "alternating": alternating,
         "summary": summarise(pairs, alternating),
@@ -313,7 +303,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker_main(run_worker)
-    else:
-        sys.exit(main(sys.argv[1:]))
+    entry_point(main, run_worker)

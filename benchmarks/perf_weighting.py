@@ -30,17 +30,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_common import (
-    WORKLOAD,
-    command_line,
+    Provenance,
+    entry_point,
     install_bench_reward,
-    load_average,
-    machine,
     ours_config,
     prepare_workdir,
     save_result,
     spawn,
-    versions,
-    worker_main,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -110,8 +106,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--code", help="directory with the tgrl_lib to measure (default: this checkout)")
     args = parser.parse_args(argv)
-    load_start = load_average()
-    started = time.time()
+    run = Provenance("benchmarks/perf_weighting.py", argv)
     code = Path(args.code).resolve() if args.code else None
     with tempfile.TemporaryDirectory(prefix="perf_weighting_") as tmp:
         workdir = Path(tmp)
@@ -124,13 +119,7 @@ def main(argv: list[str]) -> int:
             )
     result = {
         "benchmark": "weighting",
-        "command": command_line("benchmarks/perf_weighting.py", argv),
-        "machine": machine(),
-        "versions": versions(),
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "duration_s": time.time() - started,
-        "settings": vars(args) | {"workload": WORKLOAD},
+        **run.fields(args),
         "runs": runs,
         "summary": summarise(runs),
     }
@@ -140,7 +129,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker_main(run_worker)
-    else:
-        sys.exit(main(sys.argv[1:]))
+    entry_point(main, run_worker)

@@ -26,15 +26,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_common import (
-    WORKLOAD,
-    command_line,
+    Provenance,
+    entry_point,
     install_bench_reward,
-    load_average,
-    machine,
     ours_config,
     prepare_workdir,
     save_result,
-    versions,
 )
 
 # (module, attribute) pairs wrapped by the phase timer; names as they appear in the table
@@ -156,8 +153,7 @@ def main(argv: list[str]) -> int:
 
     os.environ.setdefault("TGRL_PROGRESS", "0")
     torch.set_num_threads(args.threads)
-    load_start = load_average()
-    started = time.time()
+    run = Provenance("benchmarks/profile_step.py", argv)
     overrides = {"algorithm": args.algorithm, "weighting": {"kind": args.weighting}}
     with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
         paths = prepare_workdir(Path(tmp))
@@ -166,13 +162,7 @@ def main(argv: list[str]) -> int:
         "benchmark": "profile",
         "label": args.label,
         "note": args.note,
-        "command": command_line("benchmarks/profile_step.py", argv),
-        "machine": machine(),
-        "versions": versions(),
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "duration_s": time.time() - started,
-        "settings": vars(args) | {"workload": WORKLOAD},
+        **run.fields(args),
     }
     path = save_result(f"profile_{args.label}", result)
     print(f"wrote {path}")
@@ -182,4 +172,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    entry_point(main)
