@@ -47,9 +47,9 @@ def prompts(policy) -> list[str]:
     return [render_prompt(policy.processor, q, c) for q, c in QUESTIONS]
 
 
-def naive_logprobs_entropy(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full log_softmax over every position, shifted by one, masked to the response."""
-    logits = model(**batch.model_inputs(), use_cache=False).logits.double()  # [B, T, V]
+def naive_logprobs_entropy(model, batch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full log_softmax of logits / temperature at every position, shifted by one, masked to the response."""
+    logits = model(**batch.model_inputs(), use_cache=False).logits.double() / temperature  # [B, T, V]
     log_p = torch.log_softmax(logits, dim=-1)[:, :-1]  # [B, T-1, V]
     logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float64)
     entropy = torch.zeros_like(logprobs)
@@ -59,11 +59,15 @@ def naive_logprobs_entropy(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return logprobs * mask, entropy * mask
 
 
-def test_response_logprobs_match_naive_log_softmax(policy, prompts):
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_response_logprobs_match_naive_log_softmax(policy, prompts, temperature):
     batch = collate_sequences(policy.processor, prompts, random_images(3), RESPONSES)
     with torch.no_grad():
-        logprobs, entropy = response_logprobs(policy.model, batch, with_entropy=True)
-        expected_lp, expected_h = naive_logprobs_entropy(policy.model, batch)
+        logprobs, entropy = response_logprobs(policy.model, batch, with_entropy=True, temperature=temperature)
+        expected_lp, expected_h = naive_logprobs_entropy(policy.model, batch, temperature)
+        untempered = response_logprobs(policy.model, batch)[0]
+    if temperature != 1.0:  # the scaling is not a no-op on this model
+        assert (logprobs - untempered)[batch.response_mask == 1].abs().max() > 1e-3
     assert logprobs.shape == entropy.shape == batch.input_ids.shape
     torch.testing.assert_close(logprobs.double(), expected_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entropy.double(), expected_h, atol=1e-5, rtol=1e-5)
@@ -87,6 +91,23 @@ def test_logprob_and_entropy_gradients_are_exact():
     torch.testing.assert_close(h, -(log_p.exp() * log_p).sum(-1))
     only_lp, zeros = token_logprob_entropy(logits.float(), target)
     assert only_lp.dtype == torch.float32 and not zeros.requires_grad and (zeros == 0).all()
+
+
+def test_tempered_logprobs_are_those_of_the_scaled_logits_gradient_included():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 9, (5,))
+
+    def tempered(z):
+        return token_logprob_entropy(z, target, with_entropy=True, temperature=0.7, chunk_elements=18)
+
+    assert torch.autograd.gradcheck(tempered, (logits,))
+    lp, h = tempered(logits)
+    log_p = torch.log_softmax(logits / 0.7, -1)
+    torch.testing.assert_close(lp, log_p[torch.arange(5), target])
+    torch.testing.assert_close(h, -(log_p.exp() * log_p).sum(-1))
+    with pytest.raises(TgrlError, match="temperature > 0"):
+        token_logprob_entropy(logits, target, temperature=0.0)
 
 
 def test_response_logprobs_gradient_matches_naive(policy, prompts):

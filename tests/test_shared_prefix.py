@@ -43,14 +43,16 @@ def _groups(policy, sizes: list[int], seed: int = 0):
     return prompts, images, responses
 
 
-@pytest.mark.parametrize("blank", [False, True])
-def test_equals_the_plain_forward(policy, blank):
+@pytest.mark.parametrize(("blank", "temperature"), [(False, 1.0), (True, 1.0), (False, 0.6)])
+def test_equals_the_plain_forward(policy, blank, temperature):
     prompts, images, responses = _groups(policy, [4, 3, 5])
     images = blank_images(images) if blank else images
     seq = collate_sequences(policy.processor, prompts, images, responses, 24)
     with torch.no_grad():
-        expected, expected_entropy = response_logprobs(policy.model, seq, with_entropy=True)
-    shared = shared_prefix_logprobs(policy.model, seq, with_entropy=True)
+        expected, expected_entropy = response_logprobs(
+            policy.model, seq, with_entropy=True, temperature=temperature
+        )
+    shared = shared_prefix_logprobs(policy.model, seq, with_entropy=True, temperature=temperature)
     assert shared is not None
     logprobs, entropy = shared
     assert logprobs.shape == expected.shape and entropy.shape == expected.shape

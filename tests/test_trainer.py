@@ -18,7 +18,14 @@ from tgrl_lib.models import load_policy
 from tgrl_lib.prompts import render_prompt
 from tgrl_lib.rollout import DataCursor, Group, Sample
 from tgrl_lib.schema import Problem, Trajectory
-from tgrl_lib.update import OBJECTIVES, build_batch, mean_logprobs, policy_update, prepare_batch
+from tgrl_lib.update import (
+    OBJECTIVES,
+    build_batch,
+    mean_logprobs,
+    policy_update,
+    prepare_batch,
+    scoring_temperature,
+)
 
 PROBLEM = Problem(id="p0", image="images/p0.png", question="How many red shapes are there?", answer="2",
                   answer_type="integer", facts=None)  # fmt: skip
@@ -45,12 +52,12 @@ def _groups(policy, rewards: list[list[float]], seed: int = 0) -> list[Group]:
     return groups
 
 
-def _reference_grpo(model, batch, advantages: torch.Tensor, aggregation: str):
-    """GRPO loss written out independently: plain log_softmax over full logits, ratio = pi/pi_old with
-    pi_old = pi (one on-policy pass), -A * ratio per token, aggregated as DAPO (token mean) or GRPO
-    (mean over each sequence, then over sequences)."""
+def _reference_grpo(model, batch, advantages: torch.Tensor, aggregation: str, temperature: float = 1.0):
+    """GRPO loss written out independently: plain log_softmax over full logits / temperature, ratio =
+    pi/pi_old with pi_old = pi (one on-policy pass), -A * ratio per token, aggregated as DAPO (token mean)
+    or GRPO (mean over each sequence, then over sequences)."""
     seq = batch.seq
-    logits = model(**seq.model_inputs(), use_cache=False).logits.float()  # [B, T, V]
+    logits = model(**seq.model_inputs(), use_cache=False).logits.float() / temperature  # [B, T, V]
     logp_all = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
     logp = logp_all.gather(-1, seq.input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
     mask = seq.response_mask[:, 1:].bool()  # [B, T-1]
@@ -62,8 +69,10 @@ def _reference_grpo(model, batch, advantages: torch.Tensor, aggregation: str):
     return per_seq.mean()
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
-def test_update_equals_independent_grpo_reference(policy, aggregation):
+@pytest.mark.parametrize(
+    ("aggregation", "temperature"), [("token_mean", 1.0), ("seq_mean", 1.0), ("token_mean", 0.7)]
+)
+def test_update_equals_independent_grpo_reference(policy, aggregation, temperature):
     import copy
 
     from accelerate import Accelerator
@@ -71,6 +80,7 @@ def test_update_equals_independent_grpo_reference(policy, aggregation):
     config = TrainConfig(
         algorithm="grpo", group_size=4, micro_batch_size=3, minibatch_size=64, max_new_tokens=8,
         max_grad_norm=1e9, weighting={"kind": "none"}, loss={"aggregation": aggregation},
+        temperature=temperature,
     )  # fmt: skip
     groups = _groups(policy, [[1.0, 0.0, 0.0, 1.1], [0.0, 0.1, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
     rewards = torch.tensor([[s.reward for s in g.samples] for g in groups])
@@ -81,7 +91,7 @@ def test_update_equals_independent_grpo_reference(policy, aggregation):
     prepare_batch(batch, model, policy.processor, config)
     assert batch.old_logprobs is None  # one on-policy pass: the old log-probs forward is skipped
 
-    ref_loss = _reference_grpo(reference_model, batch, batch.advantages, aggregation)
+    ref_loss = _reference_grpo(reference_model, batch, batch.advantages, aggregation, temperature)
     ref_loss.backward()
     expected = {n: p.grad.clone() for n, p in reference_model.named_parameters() if p.grad is not None}
 
@@ -119,6 +129,12 @@ def test_prepare_batch_weights_follow_the_normalise_switch(policy, normalise):
         assert weights.min() > 0.5 and weights.max() < 1.5
     else:
         assert weights.min() >= 0.5 and weights.max() <= 2.0
+
+
+def test_rl_scores_at_the_rollout_temperature_and_sft_at_one():
+    assert scoring_temperature(TrainConfig(algorithm="tgrl", temperature=0.7)) == 0.7
+    assert scoring_temperature(TrainConfig(algorithm="grpo", temperature=1.3)) == 1.3
+    assert scoring_temperature(TrainConfig(algorithm="sft", temperature=0.7)) == 1.0
 
 
 def _trajectory(text: str, problem_id: str = "p0") -> Trajectory:

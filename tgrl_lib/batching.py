@@ -247,19 +247,31 @@ class _TokenLogProbEntropy(torch.autograd.Function):
 
 
 def token_logprob_entropy(
-    logits: Tensor, target: Tensor, *, with_entropy: bool = False, chunk_elements: int = 2**25
+    logits: Tensor,
+    target: Tensor,
+    *,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+    chunk_elements: int = 2**25,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row log-prob of `target` and entropy of softmax(`logits`), both fp32 (fp64 for fp64 logits).
-    logits [N, V], target [N] -> ([N], [N]); entropy is zeros unless `with_entropy`."""
+    """Per-row log-prob of `target` and entropy of softmax(`logits` / `temperature`), both fp32 (fp64 for
+    fp64 logits). logits [N, V], target [N] -> ([N], [N]); entropy is zeros unless `with_entropy`.
+    A temperature other than 1 scores under the distribution a rollout at that temperature samples from
+    (pure temperature sampling: no top-k / top-p), at the cost of one scaled copy of the logits."""
+    if temperature <= 0:
+        raise TgrlError(f"log-probs need a temperature > 0, got {temperature}")
+    if temperature != 1.0:
+        logits = logits / temperature
     chunk = max(1, chunk_elements // max(1, logits.shape[-1]))
     return _TokenLogProbEntropy.apply(logits, target, with_entropy, chunk)
 
 
 def response_logprobs(
-    model: Any, batch: SequenceBatch, *, with_entropy: bool = False
+    model: Any, batch: SequenceBatch, *, with_entropy: bool = False, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor | None]:
     """log p(token | prefix, image) on every response token, [B, T] aligned with `response_mask` (0
-    elsewhere), and the policy entropy at those tokens ([B, T], or None). Differentiable when grad is on."""
+    elsewhere), and the policy entropy at those tokens ([B, T], or None), both of the policy at
+    `temperature` (logits / temperature). Differentiable when grad is on."""
     mask = batch.response_mask.bool()  # [B, T]
     B, T = mask.shape
     logprobs = torch.zeros((B, T), dtype=torch.float32, device=mask.device)
@@ -273,7 +285,10 @@ def response_logprobs(
     logits = out.logits[:, :-1]  # [B, T - first, V]  position t predicts token t + 1
     predicted = mask[:, first:]  # [B, T - first]
     lp, ent = token_logprob_entropy(
-        logits[predicted], batch.input_ids[:, first:][predicted], with_entropy=with_entropy
+        logits[predicted],
+        batch.input_ids[:, first:][predicted],
+        with_entropy=with_entropy,
+        temperature=temperature,
     )  # [N], [N]
     logprobs = logprobs.to(lp.dtype).masked_scatter(mask, lp)
     if entropy is not None:
@@ -282,7 +297,7 @@ def response_logprobs(
 
 
 def shared_prefix_logprobs(
-    model: Any, batch: SequenceBatch, *, with_entropy: bool = False
+    model: Any, batch: SequenceBatch, *, with_entropy: bool = False, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor | None] | None:
     """`response_logprobs` with each distinct prompt (tokens and image) encoded once.
 
@@ -350,7 +365,10 @@ def shared_prefix_logprobs(
     )
     predicted = mask.gather(1, columns[:, 1:]) & valid[:, 1:]  # [B, C - 1]  column c predicts c + 1
     lp, ent = token_logprob_entropy(
-        out.logits[:, :-1][predicted], input_ids[:, 1:][predicted], with_entropy=with_entropy
+        out.logits[:, :-1][predicted],
+        input_ids[:, 1:][predicted],
+        with_entropy=with_entropy,
+        temperature=temperature,
     )  # [N], [N]
     logprobs = torch.zeros((B, T), dtype=lp.dtype, device=mask.device).masked_scatter(mask, lp)
     entropy = torch.zeros_like(logprobs).masked_scatter(mask, ent) if with_entropy else None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tgrl_lib.errors import TgrlError
 
@@ -188,8 +188,10 @@ class TrainConfig(StepConfig):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping.")
     temperature: float = Field(
         1.0,
-        description="Rollout temperature. Only 1.0: the training log-probs are those of the untempered "
-        "policy, so samples drawn at another temperature would be scored under a different distribution.",
+        gt=0.0,
+        description="Rollout temperature (pure temperature sampling, no top-k/top-p). The RL loss, old, "
+        "reference and visual-dependency log-probs score tokens at the same temperature (logits / T), so "
+        "the ratio is taken under the distribution the samples came from; SFT scores at 1.",
     )
     max_new_tokens: int = Field(64, ge=1, description="Rollout budget in tokens.")
     advantage_scale: Literal["none", "group", "batch"] = Field(
@@ -214,16 +216,6 @@ class TrainConfig(StepConfig):
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest checkpoint.")
     format_reward: float = Field(0.1, ge=0.0, description="Reward added for a well-formed response.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
-
-    @field_validator("temperature")
-    @classmethod
-    def _untempered(cls, value: float) -> float:
-        if value != 1.0:
-            raise ValueError(
-                f"rollout temperature {value} is not supported yet: the loss scores samples under the "
-                "untempered policy (temperature 1.0), so any other value trains on a mismatched distribution"
-            )
-        return value
 
 
 # --------------------------------------------------------------------------------------------- eval

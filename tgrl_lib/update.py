@@ -89,10 +89,16 @@ def build_batch(
 # ------------------------------------------------------------------------------------ no-grad passes
 @torch.no_grad()
 def batched_logprobs(
-    model: Any, seq: SequenceBatch, micro_batch_size: int, *, with_entropy: bool = False
+    model: Any,
+    seq: SequenceBatch,
+    micro_batch_size: int,
+    *,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     """`response_logprobs` of the whole batch in micro-batches, no grad: ([B, T], [B, T] | None).
     Rows sharing a prompt (a group's G samples) encode it once (`shared_prefix_logprobs`)."""
+    score = {"with_entropy": with_entropy, "temperature": temperature}
     B, T = seq.input_ids.shape
     logprobs = torch.zeros((B, T), dtype=torch.float32)
     entropy = torch.zeros((B, T), dtype=torch.float32) if with_entropy else None
@@ -100,8 +106,8 @@ def batched_logprobs(
     for start in range(0, B, micro_batch_size):
         rows = torch.arange(start, min(start + micro_batch_size, B))
         part = seq.select(rows).to(device)
-        shared = shared_prefix_logprobs(model, part, with_entropy=with_entropy)
-        lp, ent = shared if shared is not None else response_logprobs(model, part, with_entropy=with_entropy)
+        shared = shared_prefix_logprobs(model, part, **score)
+        lp, ent = shared if shared is not None else response_logprobs(model, part, **score)
         logprobs[rows, : lp.shape[1]] = lp.float().cpu()
         if entropy is not None and ent is not None:
             entropy[rows, : ent.shape[1]] = ent.float().cpu()
@@ -135,10 +141,13 @@ def prepare_batch(
 ) -> dict[str, float]:
     """Fill old/ref log-probs and token weights (no grad); returns weights/* stats."""
     kind, micro = config.weighting.kind, config.micro_batch_size
+    temperature = scoring_temperature(config)  # old, ref and blank-image log-probs score like the loss
     off_policy = is_off_policy(config, batch.size)
     logp_img = entropy = logp_blank = None
     if off_policy or kind in ("visual_dependency", "entropy"):
-        logp_img, entropy = batched_logprobs(model, batch.seq, micro, with_entropy=kind == "entropy")
+        logp_img, entropy = batched_logprobs(
+            model, batch.seq, micro, with_entropy=kind == "entropy", temperature=temperature
+        )
     if off_policy:
         batch.old_logprobs = logp_img
     if kind == "visual_dependency":
@@ -146,9 +155,9 @@ def prepare_batch(
         blank = collate_sequences(
             processor, batch.prompts, blank_images_, batch.responses, batch.max_response_tokens
         )
-        logp_blank, _ = batched_logprobs(model, blank, micro)
+        logp_blank, _ = batched_logprobs(model, blank, micro, temperature=temperature)
     if ref_model is not None:
-        batch.ref_logprobs, _ = batched_logprobs(ref_model, batch.seq, micro)
+        batch.ref_logprobs, _ = batched_logprobs(ref_model, batch.seq, micro, temperature=temperature)
     w = config.weighting
     mask = batch.seq.response_mask
     batch.token_weights = compute_token_weights(
@@ -253,7 +262,7 @@ def policy_update(
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with accelerator.autocast():
                         logprobs, entropy = _training_logprobs(
-                            accelerator, model, mb.seq, objective.needs_entropy
+                            accelerator, model, mb.seq, objective.needs_entropy, scoring_temperature(config)
                         )  # [b, T]
                     loss, stats = objective(logprobs, entropy, mb, totals)
                     accelerator.backward(loss)
@@ -267,15 +276,22 @@ def policy_update(
 
 
 def _training_logprobs(
-    accelerator: Any, model: Any, seq: SequenceBatch, with_entropy: bool
+    accelerator: Any, model: Any, seq: SequenceBatch, with_entropy: bool, temperature: float
 ) -> tuple[Tensor, Tensor | None]:
     """The differentiable log-probs of a micro-batch; shared prompts encoded once unless the model is
     wrapped for distributed training (DDP/FSDP expect one forward per backward)."""
+    score = {"with_entropy": with_entropy, "temperature": temperature}
     if accelerator.unwrap_model(model) is model:
-        shared = shared_prefix_logprobs(model, seq, with_entropy=with_entropy)
+        shared = shared_prefix_logprobs(model, seq, **score)
         if shared is not None:
             return shared
-    return response_logprobs(model, seq, with_entropy=with_entropy)
+    return response_logprobs(model, seq, **score)
+
+
+def scoring_temperature(config: TrainConfig) -> float:
+    """The temperature the loss scores tokens at: the rollout's for RL (the distribution the samples came
+    from), 1 for SFT (plain log-likelihood of the expert text: there are no rollouts)."""
+    return 1.0 if config.algorithm == "sft" else config.temperature
 
 
 def _tensors_to(mb: TrainBatch, device: Any) -> dict[str, Tensor | None]:
