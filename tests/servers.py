@@ -17,6 +17,7 @@ serves until Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ DUMMY_AWS = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 DEFAULT_BUCKET = "tgrl-test"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # moto.server:main behind a launcher that creates buckets before the port opens (see module docstring).
 _MOTO_LAUNCHER = """
@@ -47,6 +49,14 @@ for bucket in buckets:
     s3_backends[DEFAULT_ACCOUNT_ID]["aws"].create_bucket(bucket, "us-east-1")
 sys.exit(main(["-H", "127.0.0.1", "-p", port]))
 """
+
+
+def _die_with_parent() -> None:
+    """In the server's child process before exec (Linux): have the kernel send it SIGTERM when the test
+    process that started it exits, even by SIGKILL, so an interrupted test run leaves no server running
+    (fixture teardown, which stops servers by PID, never runs then). Elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -112,6 +122,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # own process group: stop() ends workers too
+                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
