@@ -147,7 +147,7 @@ class WeightingConfig(StepConfig):
         "mean",
         description="How scores become weights: mean (divide by the mean, then clip to [w_min, w_max]) or "
         "rank (by quantile, symmetric around 1, never clipped; robust to heavy-tailed scores, where mean "
-        "put ~92% of expert tokens at w_min on the tiny recipe).",
+        "put ~93% of expert tokens at w_min on the tiny recipe).",
     )
 
     @model_validator(mode="after")

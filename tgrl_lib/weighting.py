@@ -18,7 +18,7 @@ Normalisation (`normalise_weights`), over the tokens the weights apply to (``app
   mean 1), then ``w = clip(w, w_min, w_max)``. There is NO renormalisation after clipping: every weight
   lies in [w_min, w_max], and the mean after clipping may differ from 1 (`weight_stats` reports it).
   Heavy-tailed scores make this degenerate: measured on the tiny reproduction recipe, visual-dependency
-  scores are near 0 for most tokens, so ~92% of them sat at w_min and the mean weight was 0.66.
+  scores are near 0 for most tokens, so ~93% of them sat at w_min and the mean weight was 0.65.
 - ``rank``: each token's score is replaced by its quantile ``q = (rank + 0.5) / n`` among the selected
   tokens (tied scores share their average rank), and ``w = 1 + alpha * h * (2q - 1)`` with
   ``h = min(1 - w_min, w_max - 1)``. The mean is exactly 1, no weight is clipped, and only the order of
