@@ -59,6 +59,19 @@ def chance_baselines(work: Path) -> dict[str, float]:
     return {"blind_prior": statistics.mean(hits), "uniform_choice": statistics.mean(uniform)}
 
 
+def kept_chance(work: Path, runs_dir: Path) -> dict[str, float]:
+    """`chance_baselines` from the work directory's data, kept beside the runs (`chance.json`) so that a
+    report rewritten without the work directory still has them."""
+    kept = runs_dir / "chance.json"
+    chance = chance_baselines(work)
+    if chance:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(chance, indent=1) + "\n")
+    elif kept.exists():
+        chance = json.loads(kept.read_text())
+    return chance
+
+
 # --------------------------------------------------------------------------------------------- plots
 STAT_KEYS = (
     ("expert_share", "expert tokens / all trained tokens"),
@@ -288,7 +301,7 @@ def write_report(
     order = [a for a in recipe.repro.arms if a in arms]
     expected = [(a, s) for s in recipe.repro.seeds for a in order]
     missing = [k for k in expected if k not in runs]
-    chance = chance_baselines(work)
+    chance = kept_chance(work, runs_dir)
     plots = plot_curves(runs, arms, order, chance, results)
     invocations = []
     if (runs_dir / "invocations.jsonl").exists():
