@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,7 +55,8 @@ sys.exit(main(["-H", "127.0.0.1", "-p", port]))
 def _die_with_parent() -> None:
     """In the server's child process before exec (Linux): have the kernel send it SIGTERM when the test
     process that started it exits, even by SIGKILL, so an interrupted test run leaves no server running
-    (fixture teardown, which stops servers by PID, never runs then). Elsewhere a no-op."""
+    (fixture teardown, which stops servers by PID, never runs then). Elsewhere a no-op. The signal follows
+    the starting thread, so it is set only for servers started from the main thread."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -114,6 +116,9 @@ class ServerProcess:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child; closed below)
+        # the kernel signals when the starting *thread* ends, and only the main thread lives as long as the
+        # test process (a fault test restarts servers from a timer thread)
+        main_thread = threading.current_thread() is threading.main_thread()
         try:
             self.proc = subprocess.Popen(
                 list(self._argv(self.port)),
@@ -122,7 +127,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # own process group: stop() ends workers too
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent if main_thread else None,
             )
         finally:
             log.close()
