@@ -110,6 +110,34 @@ def test_update_equals_independent_grpo_reference(policy, aggregation, temperatu
         torch.testing.assert_close(grad, expected.get(name, torch.zeros_like(grad)), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_off_policy_old_logprobs_are_scored_at_the_training_temperature(policy, temperature):
+    """Two epochs make the update off-policy (old log-probs from the no-grad pass); with lr 0 the policy
+    never moves, so every ratio is exactly 1 only if both passes score at the same temperature."""
+    import copy
+
+    from accelerate import Accelerator
+
+    config = TrainConfig(
+        algorithm="grpo", group_size=4, micro_batch_size=3, minibatch_size=4, ppo_epochs=2,
+        max_new_tokens=8, weighting={"kind": "none"}, temperature=temperature,
+    )  # fmt: skip
+    groups = _groups(policy, [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    rewards = torch.tensor([[s.reward for s in g.samples] for g in groups])
+    batch = build_batch(policy.processor, groups, group_advantages(rewards), config.max_new_tokens)
+    model = copy.deepcopy(policy.model).train()
+    prepare_batch(batch, model, policy.processor, config)
+    assert batch.old_logprobs is not None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    stats = policy_update(
+        Accelerator(cpu=True), model, optimizer, scheduler, batch, OBJECTIVES["grpo"](config), config, 1
+    )
+    assert stats["update/optimizer_steps"] == 4.0  # 8 rows / minibatch 4, two epochs
+    assert stats["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["policy/clipfrac"] == 0.0
+
+
 @pytest.mark.parametrize("normalise", ["mean", "rank"])
 def test_prepare_batch_weights_follow_the_normalise_switch(policy, normalise):
     config = TrainConfig(

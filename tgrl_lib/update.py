@@ -249,6 +249,7 @@ def policy_update(
     """`ppo_epochs` passes; per minibatch one optimizer step over its micro-batches. Returns stats."""
     meter = StatsMeter()
     device = accelerator.device
+    temperature = scoring_temperature(config)
     for epoch in range(config.ppo_epochs):
         shuffle = torch.Generator().manual_seed(derived_seed(config.seed, "minibatch", step, epoch))
         order = torch.randperm(batch.size, generator=shuffle)  # [B]
@@ -262,7 +263,7 @@ def policy_update(
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with accelerator.autocast():
                         logprobs, entropy = _training_logprobs(
-                            accelerator, model, mb.seq, objective.needs_entropy, scoring_temperature(config)
+                            accelerator, model, mb.seq, objective.needs_entropy, temperature
                         )  # [b, T]
                     loss, stats = objective(logprobs, entropy, mb, totals)
                     accelerator.backward(loss)
