@@ -86,10 +86,10 @@ def versions() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ workload
 def prepare_workdir(root: Path, max_new_tokens: int = WORKLOAD["max_new_tokens"]) -> dict[str, Path]:
     """Tiny model (seed 0), its fixed-length copy, synthetic problems and oracle expert trajectories."""
-    from tgrl_lib.datasets.synthetic import synthesize_splits
+    from tgrl_lib.data.schema import Trajectory, load_dataset, write_dataset
+    from tgrl_lib.data.synthetic import synthesize_splits
     from tgrl_lib.generation.oracle import oracle_response
-    from tgrl_lib.models import build_tiny
-    from tgrl_lib.schema import Trajectory, load_dataset, write_dataset
+    from tgrl_lib.models.policy import build_tiny
 
     model = build_tiny(root / "model", seed=0)
     fixed = root / "model-fixed-length"
@@ -115,7 +115,7 @@ def bench_reward(text: str, problem: Any, *, format_weight: float) -> Any:
     """The verifiable reward plus `jitter` (the same function scores our trainer and TRL's)."""
     from dataclasses import replace
 
-    from tgrl_lib.rewards import reward
+    from tgrl_lib.scoring.rewards import reward
 
     result = reward(text, problem, format_weight=format_weight)
     return replace(result, reward=result.reward + jitter(text))
@@ -123,9 +123,9 @@ def bench_reward(text: str, problem: Any, *, format_weight: float) -> Any:
 
 def install_bench_reward() -> None:
     """Make our trainer score with `bench_reward` (`rollout.score` looks `reward` up at call time)."""
-    import tgrl_lib.rewards
+    import tgrl_lib.scoring.rewards
 
-    original = tgrl_lib.rewards.reward
+    original = tgrl_lib.scoring.rewards.reward
     if getattr(original, "bench_reward", False):
         return
 
@@ -136,7 +136,7 @@ def install_bench_reward() -> None:
         return replace(result, reward=result.reward + jitter(text))
 
     patched.bench_reward = True  # type: ignore[attr-defined]
-    tgrl_lib.rewards.reward = patched
+    tgrl_lib.scoring.rewards.reward = patched
 
 
 def ours_config(paths: dict[str, Path], output_dir: Path, steps: int, **overrides: Any) -> Any:
@@ -173,7 +173,7 @@ def ours_config(paths: dict[str, Path], output_dir: Path, steps: int, **override
 
 def run_ours(paths: dict[str, Path], steps: int, **overrides: Any) -> dict[str, Any]:
     """Train `steps` steps with our trainer in this process; step-callback times and per-step metrics."""
-    from tgrl_lib.trainer import train
+    from tgrl_lib.rl.trainer import train
 
     install_bench_reward()
     out = Path(tempfile.mkdtemp(prefix="perf_ours_"))

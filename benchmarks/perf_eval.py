@@ -29,9 +29,9 @@ def naive_eval(policy, backend, dataset, config) -> list:
     """One problem at a time: render, load the image, `model.generate`, decode, score."""
     import torch
 
-    from tgrl_lib.batching import load_image
-    from tgrl_lib.evaluation import score_problem
-    from tgrl_lib.prompts import render_prompt
+    from tgrl_lib.data.prompts import render_prompt
+    from tgrl_lib.evaluation.run import score_problem
+    from tgrl_lib.models.batching import load_image
 
     scores = []
     for problem in dataset.records[: config.limit]:
@@ -56,7 +56,7 @@ def naive_eval(policy, backend, dataset, config) -> list:
 
 
 def batched_eval(backend, dataset, config) -> list:
-    from tgrl_lib.evaluation import generate_benchmark
+    from tgrl_lib.evaluation.run import generate_benchmark
 
     backend.batch_size = config.batch_size
     return generate_benchmark(backend, dataset, config)
@@ -64,11 +64,11 @@ def batched_eval(backend, dataset, config) -> list:
 
 def run(args: argparse.Namespace) -> dict:
     from tgrl_lib.config import EvalConfig
-    from tgrl_lib.datasets.synthetic import synthesize
-    from tgrl_lib.evaluation import evaluate
+    from tgrl_lib.data.schema import load_dataset
+    from tgrl_lib.data.synthetic import synthesize
+    from tgrl_lib.evaluation.run import evaluate
     from tgrl_lib.generation.hf import HFBackend
-    from tgrl_lib.models import build_tiny, load_policy
-    from tgrl_lib.schema import load_dataset
+    from tgrl_lib.models.policy import build_tiny, load_policy
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="perf_eval_") as tmp:
@@ -167,7 +167,7 @@ def render(args: argparse.Namespace, argv: list[str], result: dict, header: str,
         "",
         "Identical outputs here are weak evidence (one distinct response); batched greedy = one-by-one "
         "greedy on varied outputs (a model with redrawn weights, and an SFT-trained one whose rows stop at "
-        "different lengths) is asserted in `tests/test_evaluate.py`.",
+        "different lengths) is asserted in `tests/evaluation/test_evaluate.py`.",
         "",
     ]
     return "\n".join(lines)

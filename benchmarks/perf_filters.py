@@ -36,7 +36,7 @@ def median_time(fn, repeats: int) -> float:
 
 def make_data(root: Path, n_problems: int, samples: int) -> tuple[Path, Path]:
     from tgrl_lib.config import GenerateConfig
-    from tgrl_lib.datasets.synthetic import synthesize
+    from tgrl_lib.data.synthetic import synthesize
     from tgrl_lib.generation.run import generate_trajectories
 
     synthesize(root / "problems", n=n_problems, seed=0)
@@ -48,9 +48,9 @@ def make_data(root: Path, n_problems: int, samples: int) -> tuple[Path, Path]:
 def bench_rules(problems: Path, traj: Path, repeats: int, model: Path) -> list[tuple[str, int, float]]:
     """(filter, trajectories, seconds) for each rule filter alone on all trajectories, then the chain."""
     from tgrl_lib.config import FilterConfig, FilterSpec
-    from tgrl_lib.filtering import run_filters
+    from tgrl_lib.data.schema import load_dataset
     from tgrl_lib.filters import FilterContext, build_filters
-    from tgrl_lib.schema import load_dataset
+    from tgrl_lib.filters.run import run_filters
 
     records = load_dataset(traj).records
     context = FilterContext(problems=load_dataset(problems).by_id(), policy_path=str(model))
@@ -73,9 +73,9 @@ def bench_likelihood(
     problems: Path, traj: Path, n: int, batch_sizes: list[int], repeats: int, model: Path
 ) -> list[tuple[int, int, int, float]]:
     """(batch size, trajectories, scored tokens, seconds) of the likelihood filter's scoring."""
+    from tgrl_lib.data.schema import load_dataset
     from tgrl_lib.filters import FilterContext
     from tgrl_lib.filters.likelihood import score_trajectories
-    from tgrl_lib.schema import load_dataset
 
     records = load_dataset(traj).records[:n]
     context = FilterContext(load_dataset(problems).by_id(), problems_root=problems, policy_path=str(model))
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         problems, traj = make_data(root, args.problems, args.samples)
         model = Path(args.model) if args.model else None
         if model is None:
-            from tgrl_lib.models import build_tiny
+            from tgrl_lib.models.policy import build_tiny
 
             model = build_tiny(root / "tiny", seed=0)
         rules = bench_rules(problems, traj, args.repeats, model)

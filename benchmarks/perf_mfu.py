@@ -166,25 +166,25 @@ def _rollout_shapes(args: tuple, kwargs: dict, out: Any) -> dict[str, Any]:
 
 
 def run_variant(paths: dict[str, Path], steps: int, overrides: dict, sizes: dict) -> dict:
-    import tgrl_lib.trainer
-    import tgrl_lib.update
+    import tgrl_lib.rl.trainer
+    import tgrl_lib.rl.update
 
     meter = PhaseMeter()
-    meter.wrap(tgrl_lib.trainer, "rollout", _rollout_shapes)
-    meter.wrap(tgrl_lib.update, "prepare_batch", _batch_shapes)
-    meter.wrap(tgrl_lib.update, "policy_update", _batch_shapes)
-    original_step = tgrl_lib.trainer.train_step
+    meter.wrap(tgrl_lib.rl.trainer, "rollout", _rollout_shapes)
+    meter.wrap(tgrl_lib.rl.update, "prepare_batch", _batch_shapes)
+    meter.wrap(tgrl_lib.rl.update, "policy_update", _batch_shapes)
+    original_step = tgrl_lib.rl.trainer.train_step
 
     def step_with_count(run: Any, step: int) -> dict[str, float]:
         meter.count = step == steps  # count FLOPs in the last (untimed) step only
         meter.peak = probe_peak()  # the machine is shared: the peak each step had at hand
         return original_step(run, step)
 
-    tgrl_lib.trainer.train_step = step_with_count
+    tgrl_lib.rl.trainer.train_step = step_with_count
     try:
         result = run_ours(paths, steps, **overrides)
     finally:
-        tgrl_lib.trainer.train_step = original_step
+        tgrl_lib.rl.trainer.train_step = original_step
         meter.restore()
     passes = 2 if overrides["weighting"]["kind"] == "visual_dependency" else 0  # real + blank images
     return summarise_variant(meter.calls, result, sizes, passes)
@@ -252,7 +252,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from tgrl_lib.models import load_policy
+    from tgrl_lib.models.policy import load_policy
 
     run = Provenance("benchmarks/perf_mfu.py", argv)
     torch.set_num_threads(args.threads)

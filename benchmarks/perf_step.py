@@ -78,10 +78,10 @@ def run_trl(
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from tgrl_lib.batching import load_image
-    from tgrl_lib.models import load_policy
-    from tgrl_lib.prompts import build_messages
-    from tgrl_lib.schema import load_dataset
+    from tgrl_lib.data.prompts import build_messages
+    from tgrl_lib.data.schema import load_dataset
+    from tgrl_lib.models.batching import load_image
+    from tgrl_lib.models.policy import load_policy
 
     w = WORKLOAD
     problems = load_dataset(paths["problems"], "problems")
@@ -179,7 +179,7 @@ def run_alternating(paths: dict[str, Path], pairs: int) -> dict[str, Any]:
     it (the trainer's `perf/*` metrics)."""
     from transformers import TrainerCallback
 
-    from tgrl_lib import trainer
+    from tgrl_lib.rl import trainer
 
     install_bench_reward()
     out = Path(tempfile.mkdtemp(prefix="perf_ours_"))

@@ -45,7 +45,7 @@ KINDS = {"weighted": "visual_dependency", "unweighted": "none"}
 
 def run_worker(name: str, paths: dict[str, Path], pairs: int, overrides: dict) -> dict[str, Any]:
     """`pairs` + 1 step pairs (the first is a warm-up) alternating the weighted and unweighted config."""
-    from tgrl_lib import trainer
+    from tgrl_lib.rl import trainer
 
     install_bench_reward()
     out = Path(tempfile.mkdtemp(prefix="perf_weighting_"))

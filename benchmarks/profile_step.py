@@ -36,18 +36,18 @@ from perf_common import (
 
 # (module, attribute) pairs wrapped by the phase timer; names as they appear in the table
 PHASES = [
-    ("tgrl_lib.trainer", "make_groups"),
-    ("tgrl_lib.trainer", "rollout"),
-    ("tgrl_lib.trainer", "score"),
-    ("tgrl_lib.trainer", "add_experts"),
-    ("tgrl_lib.update", "build_batch"),
-    ("tgrl_lib.update", "prepare_batch"),
-    ("tgrl_lib.update", "policy_update"),
-    ("tgrl_lib.update", "batched_logprobs"),
-    ("tgrl_lib.update", "collate_sequences"),
-    ("tgrl_lib.update", "blank_images"),
-    ("tgrl_lib.update", "compute_token_weights"),
-    ("tgrl_lib.update", "response_logprobs"),
+    ("tgrl_lib.rl.trainer", "make_groups"),
+    ("tgrl_lib.rl.trainer", "rollout"),
+    ("tgrl_lib.rl.trainer", "score"),
+    ("tgrl_lib.rl.trainer", "add_experts"),
+    ("tgrl_lib.rl.update", "build_batch"),
+    ("tgrl_lib.rl.update", "prepare_batch"),
+    ("tgrl_lib.rl.update", "policy_update"),
+    ("tgrl_lib.rl.update", "batched_logprobs"),
+    ("tgrl_lib.rl.update", "collate_sequences"),
+    ("tgrl_lib.rl.update", "blank_images"),
+    ("tgrl_lib.rl.update", "compute_token_weights"),
+    ("tgrl_lib.rl.update", "response_logprobs"),
     ("tgrl_lib.generation.base", "sync_weights"),
     ("accelerate.Accelerator", "backward"),
     ("accelerate.Accelerator", "clip_grad_norm_"),
@@ -103,7 +103,7 @@ def profile(paths: dict[str, Path], steps: int, overrides: dict) -> dict[str, An
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from tgrl_lib import trainer
+    from tgrl_lib.rl import trainer
 
     install_bench_reward()
     out = Path(tempfile.mkdtemp(prefix="profile_step_"))

@@ -12,7 +12,7 @@ held-out numbers; the oracle expert with injected faults writes the raw expert t
 filter list turns them into the filtered ones. Per seed, every arm starts from the same model (the tiny
 model initialised with that seed, optionally after a short SFT warm start shared by all arms) and gets the
 same number of optimizer updates (`reproduce.steps`; SFT-then-GRPO splits it). Held-out accuracy, grounding
-and format rate come from `tgrl_lib.evaluation.evaluate` (greedy), at the end and every `curve_every`
+and format rate come from `tgrl_lib.evaluation.run.evaluate` (greedy), at the end and every `curve_every`
 updates (the learning curves). The arms and the one switch each changes are `ARMS` below.
 """
 
@@ -191,8 +191,8 @@ def load_unchanged(recipe_path: str, quick: bool, work: str) -> Recipe:
 # ------------------------------------------------------------------------------------- data + start
 def prepare_data(recipe: Recipe, work: Path) -> dict[str, Path]:
     """Splits, raw oracle trajectories (faults injected) and the filtered ones; skipped when present."""
-    from tgrl_lib.datasets.synthetic import synthesize_splits
-    from tgrl_lib.filtering import run_filters
+    from tgrl_lib.data.synthetic import synthesize_splits
+    from tgrl_lib.filters.run import run_filters
     from tgrl_lib.generation.run import generate_trajectories
 
     d = recipe.pipeline.data
@@ -213,7 +213,7 @@ def prepare_data(recipe: Recipe, work: Path) -> dict[str, Path]:
 
 def start_model(recipe: Recipe, work: Path, seed: int, paths: dict[str, Path]) -> dict[str, Any]:
     """The model every arm of `seed` starts from: the seeded init, then the warm start if configured."""
-    from tgrl_lib.models import build_tiny
+    from tgrl_lib.models.policy import build_tiny
 
     seed_dir = work / f"seed{seed}"
     init = seed_dir / "init"
@@ -270,7 +270,7 @@ def run_stage(
     paths: dict[str, Path],
     warm: bool = False,
 ) -> Path:
-    from tgrl_lib.trainer import train
+    from tgrl_lib.rl.trainer import train
 
     config = stage_config(recipe, stage, model, out, seed, steps, warm)
     experts = paths[stage.experts] if stage.experts else None
@@ -279,7 +279,7 @@ def run_stage(
 
 def held_out(recipe: Recipe, model: Path, test: Path, out: Path) -> dict[str, Any]:
     """Greedy held-out metrics of `model` (cached in `out/summary.json`)."""
-    from tgrl_lib.evaluation import evaluate
+    from tgrl_lib.evaluation.run import evaluate
 
     cached = out / "summary.json"
     if cached.exists():

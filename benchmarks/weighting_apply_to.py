@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from tgrl_lib.config import TrainConfig
-from tgrl_lib.trainer import train
+from tgrl_lib.rl.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "benchmarks" / "results" / "archive" / "reproduction-v1" / "repro-tiny-cpu.yaml"

@@ -17,7 +17,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 from tgrl_lib.kfp_components.prepare_data import prepare_data
 
 from tgrl_lib import steps
-from tgrl_lib.schema import load_dataset, validate_dataset
+from tgrl_lib.data.schema import load_dataset, validate_dataset
 
 N_TRAIN, N_TEST = 12, 6
 
@@ -172,7 +172,7 @@ def test_generate_and_filter_reconcile_and_publish_to_s3(tmp_path, recipe, s3_en
     assert n_kept + n_rejected == written and n_rejected > 0  # half the oracle's answers carry a fault
     assert Path(report.path).read_text().startswith("<!doctype html>")
 
-    from tgrl_lib.storage import localize
+    from tgrl_lib.store.artifacts import localize
 
     fetched = localize(f"{root}/gf-1/filter/kept", tmp_path / "cache")
     assert len(load_dataset(fetched, "trajectories").records) == n_kept
@@ -223,7 +223,7 @@ def test_export_champion_publishes_the_checkpoint_and_tags_the_pipeline_run(
 ):
     from tgrl_lib.kfp_components.export_champion import export_champion
 
-    from tgrl_lib.storage import localize
+    from tgrl_lib.store.artifacts import localize
 
     monkeypatch.setenv("TGRL_ARTIFACT_ROOT", f"s3://{s3_env['bucket']}/export-test")
     results = tmp_path / "eval"

@@ -8,7 +8,7 @@ import pytest
 
 from tgrl_lib.config import PipelineConfig, TrainConfig, load_config, read_yaml
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.trainer import load_train_config
+from tgrl_lib.rl.trainer import load_train_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

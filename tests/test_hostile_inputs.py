@@ -34,10 +34,10 @@ from hostile.corpus import (
 )
 
 from tgrl_lib.cli import main
-from tgrl_lib.datasets.synthetic import synthesize
+from tgrl_lib.data.schema import MANIFEST, RECORDS, load_dataset, write_dataset
+from tgrl_lib.data.synthetic import synthesize
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.s3 import parse_uri, safe_relpath
-from tgrl_lib.schema import MANIFEST, RECORDS, load_dataset, write_dataset
+from tgrl_lib.store.s3 import parse_uri, safe_relpath
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -480,7 +480,7 @@ S3_KEYS = ["../../evil", "/etc/evil", "a/../../evil", "images\\..\\..\\evil", "C
 @pytest.mark.parametrize("key", S3_KEYS, ids=repr)
 def test_s3_keys_that_could_escape_the_target_are_refused(key):
     """`s3.safe_relpath` is what every download maps an object key through (moto round trips with such
-    keys: tests/test_storage.py)."""
+    keys: tests/store/test_storage.py)."""
     with pytest.raises(TgrlError, match="refusing key") as info:
         safe_relpath(key, f"prefix/{key}")
     assert repr(f"prefix/{key}") in str(info.value) and "\n" not in str(info.value).replace("\\n", "")
@@ -519,8 +519,8 @@ def test_resume_never_runs_code_from_a_checkpoint(problems, tiny_model_dir, tmp_
     pickle's payload never runs (optimizer state is read with torch.load(weights_only=True) only)."""
     import torch
 
-    from tgrl_lib.checkpoint import COMPLETE, STATE
-    from tgrl_lib.trainer import load_train_config
+    from tgrl_lib.rl.checkpoint import COMPLETE, STATE
+    from tgrl_lib.rl.trainer import load_train_config
 
     out, marker = tmp_path / "run", tmp_path / "PWNED"
     overrides = [f"model={tiny_model_dir}", "algorithm=grpo", f"output_dir={out}", "steps=3"]
@@ -565,13 +565,13 @@ def test_remote_code_in_a_model_directory_runs_only_when_a_config_enables_it(
     code, _, err = tgrl(capsys, "eval", "--model", model, "--out", tmp_path / "r", "--benchmark",
                         f"x={problems}", "--set", "max_new_tokens=2", "--limit", "1")  # fmt: skip
     assert code == 0, err  # evaluated with the built-in class; the repo's own code ignored
-    from tgrl_lib.models import load_policy
+    from tgrl_lib.models.policy import load_policy
 
     load_policy(model)
     assert not marker.exists()
     # control: with trust_remote_code on, the same directory does run its code (the check is not vacuous)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    script = "import sys, tgrl_lib.models as m; m.load_policy(sys.argv[1], trust_remote_code=True)"
+    script = "import sys, tgrl_lib.models.policy as m; m.load_policy(sys.argv[1], trust_remote_code=True)"
     subprocess.run([sys.executable, "-c", script, str(model)], env=env, capture_output=True, timeout=300)
     assert marker.exists()
 

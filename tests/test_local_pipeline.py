@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tgrl_lib.cli import main
-from tgrl_lib.local_run import local_recipe
+from tgrl_lib.mlops.local_run import local_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [

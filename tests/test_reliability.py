@@ -26,7 +26,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tgrl_lib.checkpoint import COMPLETE, STATE, complete_checkpoints
+from tgrl_lib.rl.checkpoint import COMPLETE, STATE, complete_checkpoints
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -37,9 +37,9 @@ POLL_S = 0.001
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    from tgrl_lib.datasets.synthetic import synthesize
+    from tgrl_lib.data.schema import Trajectory, load_dataset, write_dataset
+    from tgrl_lib.data.synthetic import synthesize
     from tgrl_lib.generation.oracle import oracle_response
-    from tgrl_lib.schema import Trajectory, load_dataset, write_dataset
 
     root = tmp_path_factory.mktemp("reliability")
     synthesize(root / "problems", n=6, seed=3, split="train", difficulties=["easy"])

@@ -6,10 +6,10 @@ scanned for each secret, raw and encoded.
 
 Secrets belong in the environment only. A recipe is not secret: it travels to every step as a KFP
 parameter, which the KFP executor echoes into the step's log, so a credential pasted into a recipe would
-show there (MLflow params still scrub it: tests/test_tracking.py); see docs/SECURITY.md.
+show there (MLflow params still scrub it: tests/mlops/test_tracking.py); see docs/SECURITY.md.
 
 The env names are those the code and its libraries read: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-`AWS_SESSION_TOKEN` (boto3, `tgrl_lib.s3`), `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`/
+`AWS_SESSION_TOKEN` (boto3, `tgrl_lib.store.s3`), `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`/
 `MLFLOW_TRACKING_TOKEN` (MLflow basic auth, read by MLflow itself), `OPENAI_API_KEY` (`generate.api_key_env`
 default), `HF_TOKEN` (transformers). The user name is not a secret: MLflow records it as `mlflow.user`.
 
@@ -223,8 +223,8 @@ def test_mlflow_basic_auth_credentials_come_from_the_environment(mlflow_server, 
     import mlflow
     from mlflow import MlflowClient
 
-    from tgrl_lib import tracking
     from tgrl_lib.config import PipelineConfig, TrackingConfig
+    from tgrl_lib.mlops import tracking
 
     password = SECRETS["MLFLOW_TRACKING_PASSWORD"]
     previous = (mlflow.get_tracking_uri(), list(tracking._CURRENT_URI))

@@ -5,11 +5,11 @@ the defaults) and the pipeline run id, and does the same five things:
 
 1. load its section of the recipe (`tgrl_lib.config`);
 2. open the MLflow parent run of the pipeline run (found by tag `tgrl.pipeline_run_id`, created if
-   absent) and a child run for the step (`tgrl_lib.tracking`);
+   absent) and a child run for the step (`tgrl_lib.mlops.tracking`);
 3. call the one library entry point of the step;
 4. log the step's config, metrics and report files to the child run, and publish its outputs to
    `$TGRL_ARTIFACT_ROOT/<pipeline run id>/<step>/<output>` when that is an `s3://` (or other) URI
-   (`tgrl_lib.storage`);
+   (`tgrl_lib.store.artifacts`);
 5. return a small dict (counts, metrics, version, `promoted`) that the component turns into KFP outputs.
 
 Components are a typed signature and a call to one of these; everything else lives here. Numeric-only
@@ -51,8 +51,8 @@ def load_recipe(config: str | Path) -> PipelineConfig:
 
 @contextmanager
 def step_run(cfg: PipelineConfig, pipeline_run_id: str, step: str) -> Iterator[Any]:
-    """The MLflow child run of `step` under the pipeline run's parent run (see `tgrl_lib.tracking`)."""
-    from tgrl_lib.tracking import Tracker
+    """The MLflow child run of `step` under the pipeline run's parent run (see `tgrl_lib.mlops.tracking`)."""
+    from tgrl_lib.mlops.tracking import Tracker
 
     tracker = Tracker(cfg, work_dir=cfg.work_dir)
     with tracker.step_run(pipeline_run_id, step, pipeline=cfg.name) as run:
@@ -73,7 +73,7 @@ def publish(
     root = artifact_root()
     if not root:
         return {}
-    from tgrl_lib.storage import publish_checkpoint, upload_dir
+    from tgrl_lib.store.artifacts import publish_checkpoint, upload_dir
 
     uris = {}
     for name, path in outputs.items():
@@ -105,14 +105,14 @@ def numbers(report: Any, prefix: str = "") -> dict[str, float]:
 
 
 def dataset_count(root: str | Path) -> int:
-    from tgrl_lib.schema import read_manifest
+    from tgrl_lib.data.schema import read_manifest
 
     return read_manifest(root).count
 
 
 def ensure_dataset(root: str | Path, kind: str, created_by: str) -> None:
     """An empty, valid dataset at `root` when the step wrote none (KFP expects every output to exist)."""
-    from tgrl_lib.schema import MANIFEST, write_dataset
+    from tgrl_lib.data.schema import MANIFEST, write_dataset
 
     if not (Path(root) / MANIFEST).is_file():
         write_dataset(root, kind, [], created_by=created_by)
@@ -164,8 +164,8 @@ def _move_into(src: Path, dst: str | Path) -> None:
 
 # ------------------------------------------------------------------------------------------ steps
 def prepare_data(config: str, pipeline_run_id: str, train_dir: str, test_dir: str) -> dict[str, float]:
-    """Synthesise the train and held-out problem datasets (`tgrl_lib.datasets.synthetic`)."""
-    from tgrl_lib.datasets.synthetic import synthesize_splits
+    """Synthesise the train and held-out problem datasets (`tgrl_lib.data.synthetic`)."""
+    from tgrl_lib.data.synthetic import synthesize_splits
 
     cfg = load_recipe(config)
     data = cfg.data
@@ -196,7 +196,7 @@ def init_model(config: str, pipeline_run_id: str, base_model: str, out_dir: str)
     with step_run(cfg, pipeline_run_id, "init_model") as run:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         if source == "tiny":
-            from tgrl_lib.models import build_tiny
+            from tgrl_lib.models.policy import build_tiny
 
             build_tiny(out_dir, seed=cfg.train.seed, image_size=cfg.data.image_size)
         else:
@@ -233,9 +233,9 @@ def filter_trajectories(
     rejected_dir: str,
     report_path: str,
 ) -> dict[str, float]:
-    """Apply the recipe's filters in order (`tgrl_lib.filtering.run_filters`); the policy for the tokenizer
+    """Apply the recipe's filters in order (`tgrl_lib.filters.run.run_filters`); the policy for the tokenizer
     and likelihood filters is the recipe's `filter.policy`, else the pipeline's initial model."""
-    from tgrl_lib.filtering import run_filters
+    from tgrl_lib.filters.run import run_filters
 
     cfg = load_recipe(config)
     fcfg = cfg.filter
@@ -266,13 +266,13 @@ def train(
     out_dir: str,
     algorithm: str = "",
 ) -> dict[str, float]:
-    """Train from the initial model (`tgrl_lib.trainer.train`); the final checkpoint lands in `out_dir`.
+    """Train from the initial model (`tgrl_lib.rl.trainer.train`); the final checkpoint lands in `out_dir`.
 
     `algorithm` ("" = the recipe's) overrides `train.algorithm`; grpo ignores `experts_dir`. Intermediate
     checkpoints stay in a scratch directory: only the final model is a pipeline artifact.
     """
     from tgrl_lib.progress import step_printer
-    from tgrl_lib.trainer import train as run_training
+    from tgrl_lib.rl.trainer import train as run_training
 
     cfg = load_recipe(config)
     updates: dict[str, Any] = {"model": resolve_model(base_model_dir)}
@@ -307,8 +307,8 @@ def _evaluate_into(
     cfg: PipelineConfig, run: Any, model: str, problems_dir: str, results_dir: str, report_path: str
 ) -> tuple[dict[str, float], float]:
     """Run the evaluation, log it, render the HTML report; returns (flat metrics, primary metric)."""
-    from tgrl_lib.evaluation import evaluate as run_eval
-    from tgrl_lib.evaluation import flat_metrics
+    from tgrl_lib.evaluation.run import evaluate as run_eval
+    from tgrl_lib.evaluation.run import flat_metrics
 
     run.log_config(cfg.eval, section="eval")
     results = run_eval(model, {"synthetic": problems_dir}, cfg.eval, results_dir)
@@ -329,7 +329,7 @@ def _evaluate_into(
 def evaluate(
     config: str, pipeline_run_id: str, model_dir: str, problems_dir: str, results_dir: str, report_path: str
 ) -> dict[str, float]:
-    """Evaluate the trained checkpoint on the held-out problems (`tgrl_lib.evaluation.evaluate`)."""
+    """Evaluate the trained checkpoint on the held-out problems (`tgrl_lib.evaluation.run.evaluate`)."""
     cfg = load_recipe(config)
     with step_run(cfg, pipeline_run_id, "evaluate") as run:
         metrics, primary = _evaluate_into(cfg, run, model_dir, problems_dir, results_dir, report_path)
@@ -346,13 +346,13 @@ def register_and_promote(
     model_name: str = "",
     name_suffix: str = "",
 ) -> dict[str, Any]:
-    """Register the checkpoint with its eval metrics and run the promotion gate (`tgrl_lib.registry`).
+    """Register the checkpoint with its eval metrics and run the promotion gate (`tgrl_lib.mlops.registry`).
 
     Name: `model_name`, else `promote.model_name + name_suffix`. Writes `registered.json` (name, version,
     URI, decision, reason) to `registered_dir` and returns the same dict.
     """
-    from tgrl_lib.evaluation import flat_metrics
-    from tgrl_lib.registry import promote, register_checkpoint
+    from tgrl_lib.evaluation.run import flat_metrics
+    from tgrl_lib.mlops.registry import promote, register_checkpoint
 
     cfg = load_recipe(config)
     name = model_name or cfg.promote.model_name + name_suffix
@@ -400,7 +400,7 @@ def export_champion(
         published = ""
         root = artifact_root()
         if root:
-            from tgrl_lib.storage import publish_checkpoint
+            from tgrl_lib.store.artifacts import publish_checkpoint
 
             published = f"{root.rstrip('/')}/champion/{name}"
             publish_checkpoint(champion_dir, published)
@@ -412,8 +412,8 @@ def evaluate_registered(
     config: str, pipeline_run_id: str, model_uri: str, problems_dir: str, results_dir: str, report_path: str
 ) -> dict[str, float]:
     """Evaluate a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`) and tag the version
-    with the metrics (`tgrl_lib.registry`)."""
-    from tgrl_lib.registry import download_model, eval_tags, tag_version
+    with the metrics (`tgrl_lib.mlops.registry`)."""
+    from tgrl_lib.mlops.registry import download_model, eval_tags, tag_version
 
     if not model_uri.startswith("models:/"):
         raise TgrlError(f"model_uri must be models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}")

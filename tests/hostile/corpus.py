@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tgrl_lib.schema import MANIFEST, RECORDS, Manifest, load_dataset, sha256_file
+from tgrl_lib.data.schema import MANIFEST, RECORDS, Manifest, load_dataset, sha256_file
 
 CONFIGS = Path(__file__).parent / "configs"
 

@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from tgrl_lib.datasets.synthetic import synthesize, synthesize_splits
+    from tgrl_lib.data.synthetic import synthesize, synthesize_splits
     from tgrl_lib.errors import TgrlError
 
     common = {
@@ -119,7 +119,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from tgrl_lib.datasets.importers import import_benchmark
+    from tgrl_lib.data.importers import import_benchmark
 
     report = import_benchmark(
         args.format, args.in_path, args.out, args.images, rejected_dir=args.rejected, split=args.split
@@ -131,7 +131,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from tgrl_lib.schema import read_manifest, validate_dataset
+    from tgrl_lib.data.schema import read_manifest, validate_dataset
 
     problems = validate_dataset(args.dir)
     if problems:

@@ -1,5 +1,5 @@
 """`tgrl eval`: evaluate a model on one or more problem datasets. Argument translation only
-(`tgrl_lib.evaluation.evaluate`)."""
+(`tgrl_lib.evaluation.run.evaluate`)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from tgrl_lib.config import EvalConfig, load_config
     from tgrl_lib.errors import TgrlError
-    from tgrl_lib.evaluation import evaluate, markdown_table
+    from tgrl_lib.evaluation.run import evaluate, markdown_table
 
     benchmarks: dict[str, str] = {}
     for item in args.benchmark:

@@ -1,5 +1,5 @@
 """`tgrl filter`: keep the trajectories that pass the configured filters; every refused row, with its reason,
-goes to the rejected dataset. Argument translation only (`tgrl_lib.filtering.run_filters`)."""
+goes to the rejected dataset. Argument translation only (`tgrl_lib.filters.run.run_filters`)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     if missing:
         raise TgrlError(f"tgrl filter needs {', '.join(missing)}", hint="see tgrl filter --help")
 
-    from tgrl_lib.filtering import load_filter_config, run_filters
+    from tgrl_lib.filters.run import load_filter_config, run_filters
 
     config = load_filter_config(args.config, args.overrides)
     report = run_filters(args.in_dir, args.out, args.rejected, config, args.problems, policy=args.policy)

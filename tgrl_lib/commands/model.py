@@ -1,4 +1,4 @@
-"""`tgrl model init`: build the tiny offline Qwen2.5-VL-shaped model (`tgrl_lib.models.build_tiny`)."""
+"""`tgrl model init`: build the tiny offline Qwen2.5-VL-shaped model (`tgrl_lib.models.policy.build_tiny`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Build the tiny Qwen2.5-VL (2 layers, hidden 128, tiny vision tower, a byte-level BPE tokenizer "
             "trained offline, the Qwen chat template) into --out. Same seed, byte-identical files. The "
-            "directory loads with transformers' from_pretrained and with tgrl_lib.models.load_policy."
+            "directory loads with transformers' from_pretrained and with tgrl_lib.models.policy.load_policy."
         ),
     )
     init.add_argument("--preset", choices=("tiny",), default="tiny", help="model preset (default: tiny)")
@@ -34,7 +34,7 @@ def _init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tgrl_lib.errors import TgrlError
-    from tgrl_lib.models import build_tiny
+    from tgrl_lib.models.policy import build_tiny
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():

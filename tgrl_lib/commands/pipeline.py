@@ -1,6 +1,6 @@
 """`tgrl pipeline run --local | compile`: run the TGRL pipeline on this machine, or write the KFP YAMLs.
 
-Argument translation only: `run --local` calls `tgrl_lib.local_run.run_local`, `compile` calls
+Argument translation only: `run --local` calls `tgrl_lib.mlops.local_run.run_local`, `compile` calls
 `tgrl_lib.kfp_pipelines.compile`. Stdlib-only imports at top level.
 """
 
@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tgrl_lib.local_run import run_local
+    from tgrl_lib.mlops.local_run import run_local
 
     config = args.config
     if config is None and Path("configs/tiny-cpu.yaml").is_file():

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _promote(args: argparse.Namespace) -> int:
     import json
 
-    from tgrl_lib.registry import promote
+    from tgrl_lib.mlops.registry import promote
 
     decision = promote(
         args.model,
@@ -79,7 +79,7 @@ def _register(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tgrl_lib.errors import TgrlError
-    from tgrl_lib.registry import register_checkpoint
+    from tgrl_lib.mlops.registry import register_checkpoint
 
     path = Path(args.metrics)
     try:

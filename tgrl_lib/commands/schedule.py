@@ -1,6 +1,6 @@
 """`tgrl schedule create|replace|list|delete`: recurring pipeline runs on a KFP backend.
 
-Argument translation only; the work is in `tgrl_lib.scheduling`. Stdlib-only imports at top level.
+Argument translation only; the work is in `tgrl_lib.mlops.scheduling`. Stdlib-only imports at top level.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _params(pairs: list[str]) -> tuple[tuple[str, str], ...]:
 
 
 def _create_or_replace(args: argparse.Namespace) -> int:
-    from tgrl_lib import scheduling
+    from tgrl_lib.mlops import scheduling
 
     spec = scheduling.ScheduleSpec(
         name=args.name,
@@ -109,7 +109,7 @@ def _create_or_replace(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from tgrl_lib import scheduling
+    from tgrl_lib.mlops import scheduling
 
     client = scheduling.connect(args.host, args.namespace)
     for row in scheduling.list_schedules(client, args.name, args.namespace):
@@ -118,7 +118,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    from tgrl_lib import scheduling
+    from tgrl_lib.mlops import scheduling
 
     client = scheduling.connect(args.host, args.namespace)
     ids = scheduling.delete_schedules(client, args.name, args.recurring_run_id, args.namespace)

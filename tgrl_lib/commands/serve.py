@@ -1,4 +1,7 @@
-"""`tgrl serve`: serve a local model behind an OpenAI-compatible chat-completions route (`tgrl_lib.serve`)."""
+"""`tgrl serve`: a local model behind an OpenAI-compatible chat-completions route.
+
+The server is `tgrl_lib.generation.serve`.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tgrl_lib.serve import serve
+    from tgrl_lib.generation.serve import serve
 
     try:
         serve(

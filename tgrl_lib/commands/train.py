@@ -1,5 +1,5 @@
 """`tgrl train`: run the training loop (sft, grpo or tgrl) from a recipe. Argument translation only
-(`tgrl_lib.trainer.train`)."""
+(`tgrl_lib.rl.trainer.train`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from tgrl_lib.errors import TgrlError
     from tgrl_lib.progress import progress_bar, step_printer
-    from tgrl_lib.trainer import load_train_config, train
+    from tgrl_lib.rl.trainer import load_train_config, train
 
     if not args.problems:
         raise TgrlError("tgrl train needs --problems DIR", hint="see tgrl train --help")

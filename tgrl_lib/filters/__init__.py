@@ -1,5 +1,5 @@
 """Trajectory filters (`base`: the Verdict/registry contract; `rules`, `batch`, `likelihood`: the filters;
-`report`: counts and plots). `tgrl_lib.filtering.run_filters` applies them to a dataset."""
+`report`: counts and plots). `tgrl_lib.filters.run.run_filters` applies them to a dataset."""
 
 from tgrl_lib.filters.base import (
     FILTERS,

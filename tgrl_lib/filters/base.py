@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tgrl_lib.data.schema import Problem, Trajectory
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.schema import Problem, Trajectory
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class FilterContext:
                 )
             import torch
 
-            from tgrl_lib.models import load_policy
+            from tgrl_lib.models.policy import load_policy
 
             device = "cuda" if torch.cuda.is_available() else None
             self._policy = load_policy(self.policy_path, device=device)
@@ -76,7 +76,7 @@ class FilterContext:
             else:
                 from transformers import AutoTokenizer
 
-                from tgrl_lib.models import check_checkpoint_dir
+                from tgrl_lib.models.policy import check_checkpoint_dir
 
                 check_checkpoint_dir(Path(self.policy_path))
                 try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from tgrl_lib.data.schema import Trajectory
 from tgrl_lib.filters.base import KEEP, FilterContext, Verdict, batch_filter, reject
-from tgrl_lib.schema import Trajectory
 
 _PUNCT = re.compile(r"[^\w\s]")
 

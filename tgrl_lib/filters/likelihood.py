@@ -17,9 +17,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from tgrl_lib.data.schema import Trajectory, resolve_inside
 from tgrl_lib.filters.base import KEEP, FilterContext, Verdict, batch_filter, reject
 from tgrl_lib.filters.batch import by_problem
-from tgrl_lib.schema import Trajectory, resolve_inside
 
 
 class _ImageCache:
@@ -31,7 +31,7 @@ class _ImageCache:
         self._images: OrderedDict[str, Any] = OrderedDict()
 
     def get(self, problem_id: str) -> Any:
-        from tgrl_lib.batching import load_image
+        from tgrl_lib.models.batching import load_image
 
         if problem_id not in self._images:
             problem = self.context.problems[problem_id]
@@ -48,8 +48,8 @@ def score_trajectories(
     """(mean token log-prob, response tokens) of each trajectory under the policy, in input order."""
     import torch
 
-    from tgrl_lib.batching import collate_sequences, response_logprobs
-    from tgrl_lib.prompts import render_prompt
+    from tgrl_lib.data.prompts import render_prompt
+    from tgrl_lib.models.batching import collate_sequences, response_logprobs
 
     policy = context.policy()
     device = next(policy.model.parameters()).device

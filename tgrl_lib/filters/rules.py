@@ -1,8 +1,8 @@
 """Rule filters: each judges one trajectory from its text and its problem (no model, no other trajectories).
 
-`verified`, `parse` and `format` re-score the text with `tgrl_lib.rewards` (the same scorer as the reward
-and the evaluation) instead of trusting the `correct` field of the input; `grounding` checks the visual
-facts the reasoning states against the problem's ground-truth `facts` with `tgrl_lib.grounding`.
+`verified`, `parse` and `format` re-score the text with `tgrl_lib.scoring.rewards` (the same scorer as the
+reward and the evaluation) instead of trusting the `correct` field of the input; `grounding` checks the visual
+facts the reasoning states against the problem's ground-truth `facts` with `tgrl_lib.scoring.grounding`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from tgrl_lib.data.schema import Trajectory
 from tgrl_lib.filters.base import KEEP, FilterContext, Verdict, reject, row_filter
-from tgrl_lib.schema import Trajectory
 
 # Chat/vision control tokens of Qwen-VL style models: text containing them re-enters a prompt as real
 # image/turn tokens ("image features and image tokens do not match").
@@ -37,7 +37,7 @@ def _short(text: str | None, limit: int = 40) -> str:
 @row_filter("parse")
 def parse(trajectory: Trajectory, context: FilterContext) -> Verdict:
     """An answer can be extracted from the text (answer tag, \\boxed{} or "The answer is X")."""
-    from tgrl_lib.rewards import extract_answer
+    from tgrl_lib.scoring.rewards import extract_answer
 
     if extract_answer(trajectory.text, context.problem(trajectory)) is None:
         return reject("no answer could be extracted from the text")
@@ -47,7 +47,7 @@ def parse(trajectory: Trajectory, context: FilterContext) -> Verdict:
 @row_filter("verified")
 def verified(trajectory: Trajectory, context: FilterContext) -> Verdict:
     """The extracted answer verifies against the problem's answer (re-scored, not read from `correct`)."""
-    from tgrl_lib.rewards import extract_answer, verify
+    from tgrl_lib.scoring.rewards import extract_answer, verify
 
     problem = context.problem(trajectory)
     if verify(trajectory.text, problem):
@@ -59,7 +59,7 @@ def verified(trajectory: Trajectory, context: FilterContext) -> Verdict:
 @row_filter("format")
 def format_(trajectory: Trajectory, context: FilterContext) -> Verdict:
     """The text is exactly `<think>...</think><answer>...</answer>` (the format reward's rule)."""
-    from tgrl_lib.rewards import has_valid_format
+    from tgrl_lib.scoring.rewards import has_valid_format
 
     return KEEP if has_valid_format(trajectory.text) else reject("not <think>...</think><answer>...</answer>")
 
@@ -160,7 +160,7 @@ def grounding(
     """The visual facts the reasoning states agree with the problem's `facts` (fraction true >=
     `min_precision`); problems without facts pass. `require_claims`: also reject when nothing checkable is
     stated."""
-    from tgrl_lib.grounding import check_claims, extract_claims
+    from tgrl_lib.scoring.grounding import check_claims, extract_claims
 
     problem = context.problem(trajectory)
     if not problem.facts:

@@ -1,7 +1,7 @@
 """The generation interface: one Protocol with one `generate` method, and the `Completion` it returns.
 
 Every backend (`hf` transformers, `vllm` offline engine, `openai` server, the synthetic `oracle`) answers
-the same call: rendered prompts (`tgrl_lib.prompts.render_prompt`) with one image each, `samples`
+the same call: rendered prompts (`tgrl_lib.data.prompts.render_prompt`) with one image each, `samples`
 completions per prompt, in prompt order. A completion carries its token ids when the backend knows them, so
 the trainer scores exactly the tokens that were sampled instead of re-tokenising the text.
 

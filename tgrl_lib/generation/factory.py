@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tgrl_lib.config import GenerateConfig
+from tgrl_lib.data.schema import Problem
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.schema import Problem
 
 KINDS = ("oracle", "hf", "vllm", "openai")
 
@@ -74,7 +74,7 @@ def make_backend(kind: str, config: GenerateConfig) -> Any:
 
 
 def _chat_prompt(processor: Any) -> Callable[[Problem], str]:
-    from tgrl_lib.prompts import render_prompt
+    from tgrl_lib.data.prompts import render_prompt
 
     return lambda problem: render_prompt(processor, problem.question, problem.choices)
 
@@ -83,7 +83,7 @@ def _load_processor(config: GenerateConfig) -> Any:
     """The model's processor (for its chat template) without loading the weights."""
     from transformers import AutoProcessor
 
-    import tgrl_lib.models  # noqa: F401  (registers the image+text Qwen-VL processor)
+    import tgrl_lib.models.policy  # noqa: F401  (registers the image+text Qwen-VL processor)
 
     try:
         return AutoProcessor.from_pretrained(
@@ -102,7 +102,7 @@ def make_expert(config: GenerateConfig) -> Expert:
         return Expert(backend, prompt=_chat_prompt(backend.processor), needs_images=True)
     if config.expert == "vllm":
         return Expert(backend, prompt=_chat_prompt(_load_processor(config)), needs_images=True)
-    from tgrl_lib.prompts import build_messages
+    from tgrl_lib.data.prompts import build_messages
 
     return Expert(backend, prompt=lambda p: build_messages(p.question, p.choices), needs_images=True)
 
@@ -114,7 +114,7 @@ def as_expert(backend: Any) -> Expert:
     if hasattr(backend, "generate_with_meta"):  # the oracle
         return Expert(backend, prompt=lambda problem: problem, needs_images=False)
     if getattr(backend, "name", None) == "openai":
-        from tgrl_lib.prompts import build_messages
+        from tgrl_lib.data.prompts import build_messages
 
         return Expert(backend, prompt=lambda p: build_messages(p.question, p.choices), needs_images=True)
     processor = getattr(backend, "processor", None)

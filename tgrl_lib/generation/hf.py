@@ -42,7 +42,7 @@ class HFBackend:
 
     @classmethod
     def from_pretrained(cls, path: str, *, device: Any = None, dtype: Any = None, **kwargs: Any) -> HFBackend:
-        from tgrl_lib.models import load_policy
+        from tgrl_lib.models.policy import load_policy
 
         policy = load_policy(path, device=device, dtype=dtype)
         return cls(policy.model, policy.processor, **kwargs)
@@ -88,7 +88,7 @@ class HFBackend:
     ) -> list[list[Completion]]:
         import torch
 
-        from tgrl_lib.batching import collate_prompts
+        from tgrl_lib.models.batching import collate_prompts
 
         device = next(self.model.parameters()).device
         inputs = collate_prompts(self.processor, prompts, images).to(device)

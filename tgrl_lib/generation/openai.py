@@ -1,6 +1,6 @@
 """Expert generation from any OpenAI-compatible chat-completions server (`vllm serve`, `tgrl serve`, ...).
 
-The request is the OpenAI chat-completions format: the system prompt of `tgrl_lib.prompts` (asking for
+The request is the OpenAI chat-completions format: the system prompt of `tgrl_lib.data.prompts` (asking for
 `<think>...</think><answer>...</answer>`), then one user turn whose first part is the image as a base64 PNG
 data URL (`image_url`) and whose second is the question with its lettered options. `n` samples are asked
 for in one request; a server that returns fewer (some ignore `n`) is asked again for the rest.
@@ -277,7 +277,7 @@ class OpenAIBackend:
 
 def to_openai_messages(prompt: Any, image_url: str | None) -> list[dict[str, Any]]:
     """Chat messages with the image as an `image_url` part (see `OpenAIBackend`)."""
-    from tgrl_lib.prompts import SYSTEM_PROMPT
+    from tgrl_lib.data.prompts import SYSTEM_PROMPT
 
     if isinstance(prompt, str):
         content: list[dict[str, Any]] = [{"type": "image"}] if image_url else []

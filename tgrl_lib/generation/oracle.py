@@ -1,12 +1,12 @@
 """Oracle expert: a grounded reasoning trajectory written from a synthetic problem's `facts`.
 
-The response first states the visual evidence (in the phrasing `tgrl_lib.grounding` reads), then reasons,
-then answers, e.g.
+The response first states the visual evidence (in the phrasing `tgrl_lib.scoring.grounding` reads), then
+reasons, then answers, e.g.
 
     <think>I see 2 red circles, 1 blue square. Red shapes: 2. 2 + 1 = 3.</think><answer>3</answer>
 
 It is short (under ~45 words) so that it fits the tiny model's budget. The answer is computed from the
-facts and the machine-readable question in `meta["task"]` (written by `tgrl_lib.datasets.synthetic`), not
+facts and the machine-readable question in `meta["task"]` (written by `tgrl_lib.data.synthetic`), not
 copied from `Problem.answer`. Multiple-choice answers are the choice text.
 
 Faults, injected at `fault_rate` so that trajectory filters have real work (recorded in `meta["fault"]`):
@@ -29,8 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tgrl_lib.data.schema import Problem
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.schema import Problem
 
 FAULT_KINDS = ("wrong_fact", "wrong_arithmetic", "bad_format", "repetition")
 COLOR_ORDER = ("red", "green", "blue", "yellow")

@@ -23,9 +23,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from tgrl_lib.config import GenerateConfig
-from tgrl_lib.errors import TgrlError
-from tgrl_lib.progress import progress_bar
-from tgrl_lib.schema import (
+from tgrl_lib.data.schema import (
     MANIFEST,
     RECORDS,
     DatasetWriter,
@@ -37,6 +35,8 @@ from tgrl_lib.schema import (
     load_dataset,
     read_manifest,
 )
+from tgrl_lib.errors import TgrlError
+from tgrl_lib.progress import progress_bar
 
 CREATED_BY = "tgrl generate"
 
@@ -293,7 +293,7 @@ def _load_images(
     """Decode the batch's images, dropping (and rejecting) problems whose image is unreadable, whatever
     the backend: a trajectory whose image cannot be decoded is useless to the trainer. The oracle reads
     facts, not pixels, so it gets None."""
-    from tgrl_lib.batching import load_image
+    from tgrl_lib.models.batching import load_image
 
     kept, images, bad = [], [], []
     for problem in batch:
@@ -312,7 +312,7 @@ def _load_images(
 def _trajectory(
     problem: Problem, sample: int, text: str, info: dict[str, Any], name: str, config: GenerateConfig
 ) -> Trajectory:
-    from tgrl_lib.rewards import reward
+    from tgrl_lib.scoring.rewards import reward
 
     scored = reward(text, problem)
     meta = {"sample": sample, "expert": config.expert, **{k: v for k, v in info.items() if v is not None}}

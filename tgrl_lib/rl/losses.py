@@ -1,0 +1,297 @@
+"""Per-token TGRL objective: PPO-clipped on-policy tokens, LUFFY-shaped expert tokens, token weights.
+
+For every valid response token t of sequence b (advantage A_b, token weight w_t):
+
+- on-policy rows (PPO, arXiv 1707.06347; asymmetric clip from DAPO, arXiv 2503.14476):
+  ``ratio = exp(logp - old_logp)``; ``pg_loss = max(-A*ratio, -A*clip(ratio, 1-clip_low, 1+clip_high))``.
+  ``clip=False`` keeps ``-A*ratio`` only (LUFFY's recipe removes the clip).
+- expert rows (LUFFY, arXiv 2504.14945): the expert's own probability is unknown, so the ratio is the
+  policy probability ``p = exp(logp)`` (expert prob taken as 1), shaped ``p / (p + gamma)``, never clipped:
+  ``expert_loss = -A * p/(p+gamma)``, whose gradient is ``-A * gamma*p/(p+gamma)^2 * dlogp``.
+  ``expert_shaping="plain"`` uses ``p`` itself (plain importance sampling).
+- both terms are multiplied by ``w_t`` (see `tgrl_lib.rl.weighting`); LUFFY has no token weights.
+- optional k3 KL to a frozen reference (Schulman's estimator, as GRPO): ``exp(ref-logp) - (ref-logp) - 1``,
+  times ``kl_coef``, and an entropy bonus ``- entropy_coef * entropy``.
+
+Our choices, not in the papers: the token weights scale only the surrogate terms, not the KL or entropy
+regularisers; the k3 KL is applied to on-policy tokens only (k3 estimates KL(pi || ref) only for tokens
+sampled from pi, which expert tokens are not); the entropy bonus applies to every valid token.
+
+Aggregation (one function per rule in `AGGREGATIONS`): ``token_mean`` (DAPO: sum over valid tokens / number
+of valid tokens), ``seq_mean`` (GRPO: mean over each sequence's tokens, then over sequences), ``constant``
+(Dr.GRPO, arXiv 2503.20783: sum / (num_sequences * max_response_len)). A "sequence" is a row with at least
+one valid token. All three are linear in the per-token terms, so `loss/policy + loss/expert + loss/kl -
+loss/entropy_bonus == loss/total` exactly.
+
+Gradient accumulation: pass ``num_valid_tokens_total`` and ``num_sequences_total`` of the whole optimizer
+step (`accumulation_totals` on the step's response mask, or the sum of it over micro-batches) to every
+micro-batch call; the micro-batch losses then *sum* to the full-batch loss (do not divide by the number of
+micro-batches). Under data parallelism (gradients averaged over ranks) pass global totals divided by the
+world size. Left as None, the totals are those of the tensors passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from tgrl_lib.errors import TgrlError
+
+
+def accumulation_totals(response_mask: Tensor) -> dict[str, int]:
+    """Normaliser counts of a whole optimizer step, to pass to every micro-batch's loss call."""
+    mask = response_mask.bool()
+    return {"num_valid_tokens_total": int(mask.sum()), "num_sequences_total": int(mask.any(dim=1).sum())}
+
+
+def _token_mean(term: Tensor, mask: Tensor, *, num_valid_tokens_total: int, **_) -> Tensor:
+    return torch.where(mask, term, 0.0).sum() / max(num_valid_tokens_total, 1)
+
+
+def _seq_mean(term: Tensor, mask: Tensor, *, num_sequences_total: int, **_) -> Tensor:
+    lengths = mask.sum(dim=1).clamp(min=1)  # [B]  |o_b|
+    per_sequence = torch.where(mask, term, 0.0).sum(dim=1) / lengths  # [B]
+    return per_sequence.sum() / max(num_sequences_total, 1)
+
+
+def _constant(term: Tensor, mask: Tensor, *, num_sequences_total: int, max_response_len: int, **_) -> Tensor:
+    return torch.where(mask, term, 0.0).sum() / (max(num_sequences_total, 1) * max_response_len)
+
+
+# name -> (term [B, T], mask [B, T], *, num_valid_tokens_total, num_sequences_total, max_response_len)
+AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
+    "token_mean": _token_mean,
+    "seq_mean": _seq_mean,
+    "constant": _constant,
+}
+
+
+def clipped_surrogate(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    clip: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO loss per token. Returns ``(pg_loss [B, T], ratio [B, T], clipped [B, T] bool)``.
+
+    `advantages` is ``[B]`` (one per sequence, broadcast over tokens). `clipped` marks tokens where the
+    clipped branch wins, i.e. whose gradient the clip removes (ratio above 1+clip_high with A > 0, or below
+    1-clip_low with A < 0).
+    """
+    adv = advantages[:, None]  # [B, 1]
+    ratio = torch.exp(logprobs - old_logprobs)  # [B, T]  pi / pi_old
+    pg_loss1 = -adv * ratio  # [B, T]
+    if not clip:
+        return pg_loss1, ratio, torch.zeros_like(ratio, dtype=torch.bool)
+    pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
+    return torch.maximum(pg_loss1, pg_loss2), ratio, pg_loss2 > pg_loss1
+
+
+def _shaped(p: Tensor, gamma: float) -> Tensor:
+    return p / (p + gamma)  # LUFFY's f(p)
+
+
+def _plain(p: Tensor, gamma: float) -> Tensor:
+    return p  # importance ratio with the expert's probability taken as 1
+
+
+# name -> (p, gamma) -> the ratio that replaces pi/pi_old on expert tokens
+EXPERT_SHAPINGS: dict[str, Callable[[Tensor, float], Tensor]] = {"shaped": _shaped, "plain": _plain}
+# name -> (f(p), p) -> d f(p) / d logp, the weight on the expert token's score function (a statistic)
+_SHAPING_GRAD_WEIGHTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "shaped": lambda f, p: f * (1.0 - f),  # = gamma*p / (p+gamma)^2
+    "plain": lambda f, p: p,
+}
+
+
+def expert_surrogate(
+    logprobs: Tensor, advantages: Tensor, *, shaping: str = "shaped", gamma: float = 0.1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Expert-token loss ``-A * f(p)``, no clip. Returns ``(loss [B, T], p [B, T], f(p) [B, T])``."""
+    _choice("expert_shaping", shaping, EXPERT_SHAPINGS)
+    p = torch.exp(logprobs)  # [B, T]  policy prob of the expert's token
+    shaped = EXPERT_SHAPINGS[shaping](p, gamma)  # [B, T]
+    return -advantages[:, None] * shaped, p, shaped
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k3 estimator of KL(pi || ref) per token: ``exp(ref - logp) - (ref - logp) - 1`` (>= 0)."""
+    log_ratio = ref_logprobs - logprobs  # [B, T]
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def _check_shapes(logprobs: Tensor, per_token: dict, per_sequence: dict) -> None:
+    """Raise a TgrlError naming the first input not shaped [B, T] (per_token) or [B] (per_sequence)."""
+    if logprobs.dim() != 2:
+        raise TgrlError(f"losses: logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    expected = [(n, t, tuple(logprobs.shape)) for n, t in per_token.items()]
+    expected += [(n, t, tuple(logprobs.shape[:1])) for n, t in per_sequence.items()]
+    for name, tensor, shape in expected:
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise TgrlError(
+                f"losses: {name} has shape {tuple(tensor.shape)}, expected {shape}",
+                hint="per-token inputs are [B, T] like logprobs; advantages and expert_mask are [B]",
+            )
+
+
+def _choice(what: str, value: str, options: dict) -> None:
+    if value not in options:
+        raise TgrlError(f"losses: unknown {what} {value!r}", hint=f"use one of {list(options)}")
+
+
+def _mean(x: Tensor, mask: Tensor) -> float:
+    """Mean of x over mask as a float; 0.0 for an empty mask (read it together with tokens/*)."""
+    n = int(mask.sum())
+    return float(torch.where(mask, x.detach(), 0.0).sum() / n) if n else 0.0
+
+
+class TGRLLoss(nn.Module):
+    """Mixed-group TGRL policy loss; with no expert rows and unit weights it is GRPO/DAPO.
+
+    Construct with the switches of DESIGN.md §4; call with per-token tensors; returns ``(loss, stats)``,
+    stats being floats: loss/{total,policy,expert,kl,entropy_bonus} (contributions to the loss),
+    policy/{ratio_mean,clipfrac,clipfrac_low,clipfrac_high}, expert/{shaped_weight_mean,grad_weight_mean,
+    prob_mean}, tokens/{policy,expert}; kl/mean if ref_logprobs given; {policy,expert}/entropy if entropy
+    given. Means over an empty token set are 0.0 (read them with tokens/*).
+    """
+
+    def __init__(
+        self,
+        *,
+        aggregation: str = "token_mean",
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        clip: bool = True,
+        expert_shaping: str = "shaped",
+        shaping_gamma: float = 0.1,
+        kl_coef: float = 0.0,
+        entropy_coef: float = 0.0,
+        max_response_len: int | None = None,
+    ):
+        super().__init__()
+        _choice("aggregation", aggregation, AGGREGATIONS)
+        _choice("expert_shaping", expert_shaping, EXPERT_SHAPINGS)
+        if aggregation == "constant" and (max_response_len is None or max_response_len < 1):
+            raise TgrlError(
+                "losses: aggregation 'constant' (Dr.GRPO) needs max_response_len >= 1",
+                hint="pass the rollout budget, e.g. max_response_len=max_new_tokens",
+            )
+        if min(clip_low, clip_high, kl_coef, entropy_coef) < 0 or shaping_gamma <= 0:
+            raise TgrlError("losses: clips and coefficients must be >= 0 and shaping_gamma > 0")
+        self.aggregation, self.clip_low, self.clip_high, self.clip = aggregation, clip_low, clip_high, clip
+        self.expert_shaping, self.shaping_gamma = expert_shaping, shaping_gamma
+        self.kl_coef, self.entropy_coef, self.max_response_len = kl_coef, entropy_coef, max_response_len
+
+    def forward(
+        self,
+        logprobs: Tensor,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        *,
+        expert_mask: Tensor | None = None,
+        token_weights: Tensor | None = None,
+        ref_logprobs: Tensor | None = None,
+        entropy: Tensor | None = None,
+        num_valid_tokens_total: int | None = None,
+        num_sequences_total: int | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Loss for one (micro-)batch of B sequences with T response positions.
+
+        logprobs [B, T] (current policy, with grad), old_logprobs [B, T] (behaviour policy; ignored on
+        expert rows, may hold anything there), advantages [B], response_mask [B, T], expert_mask [B] bool,
+        token_weights [B, T] (already normalised; default ones), ref_logprobs [B, T] (needed if kl_coef > 0;
+        reported as kl/mean whenever given), entropy [B, T] (with grad; needed if entropy_coef > 0).
+        """
+        like_logprobs = {"old_logprobs": old_logprobs, "response_mask": response_mask, "entropy": entropy}
+        like_logprobs.update(token_weights=token_weights, ref_logprobs=ref_logprobs)
+        _check_shapes(logprobs, like_logprobs, {"advantages": advantages, "expert_mask": expert_mask})
+        if self.kl_coef > 0 and ref_logprobs is None:
+            raise TgrlError("losses: kl_coef > 0 needs ref_logprobs", hint="pass them or set kl_coef=0")
+        if self.entropy_coef > 0 and entropy is None:
+            raise TgrlError("losses: entropy_coef > 0 needs entropy", hint="pass it or set entropy_coef=0")
+        mask = response_mask.bool()  # [B, T]
+        no_experts = torch.zeros_like(advantages, dtype=torch.bool)
+        expert_rows = no_experts if expert_mask is None else expert_mask.bool()  # [B]
+        expert_tok = mask & expert_rows[:, None]  # [B, T]
+        policy_tok = mask & ~expert_rows[:, None]  # [B, T]
+        logp = torch.where(mask, logprobs.float(), 0.0)  # [B, T]  padding may hold -inf: keep grads finite
+        adv = advantages.detach().float()  # [B]
+        w = torch.ones_like(logp) if token_weights is None else token_weights.detach().float()  # [B, T]
+        # expert rows and padding get old = ref = logp (ratio 1): what old/ref hold there cannot leak NaN
+        old = torch.where(policy_tok, old_logprobs.detach().float(), logp.detach())  # [B, T]
+        given = {"num_valid_tokens_total": num_valid_tokens_total, "num_sequences_total": num_sequences_total}
+        totals = accumulation_totals(mask) | {k: v for k, v in given.items() if v is not None}
+
+        def aggregate(term: Tensor, where: Tensor) -> Tensor:  # [B, T] -> scalar, zero outside `where`
+            term = torch.where(where, term, 0.0)
+            return AGGREGATIONS[self.aggregation](
+                term, mask, max_response_len=self.max_response_len, **totals
+            )
+
+        pg_loss, ratio, clipped = clipped_surrogate(
+            logp, old, adv, clip_low=self.clip_low, clip_high=self.clip_high, clip=self.clip
+        )
+        expert_loss, p, shaped = expert_surrogate(
+            logp, adv, shaping=self.expert_shaping, gamma=self.shaping_gamma
+        )
+        terms = {"policy": aggregate(w * pg_loss, policy_tok)}  # each term: its contribution to the loss
+        terms["expert"] = aggregate(w * expert_loss, expert_tok)
+        terms["kl"] = terms["entropy_bonus"] = torch.zeros_like(terms["policy"])
+        stats: dict[str, float] = {}
+        if ref_logprobs is not None:
+            kl = k3_kl(logp, torch.where(policy_tok, ref_logprobs.detach().float(), logp.detach()))  # [B, T]
+            stats["kl/mean"] = _mean(kl, policy_tok)
+            if self.kl_coef > 0:
+                terms["kl"] = self.kl_coef * aggregate(kl, policy_tok)
+        if entropy is not None:
+            entropy = torch.where(mask, entropy.float(), 0.0)  # [B, T]
+            stats["policy/entropy"] = _mean(entropy, policy_tok)
+            stats["expert/entropy"] = _mean(entropy, expert_tok)
+            if self.entropy_coef > 0:
+                terms["entropy_bonus"] = self.entropy_coef * aggregate(entropy, mask)
+        loss = terms["policy"] + terms["expert"] + terms["kl"] - terms["entropy_bonus"]
+        stats["loss/total"] = float(loss.detach())
+        stats.update({f"loss/{name}": float(term.detach()) for name, term in terms.items()})
+        stats.update(self._token_stats(ratio, clipped, p, shaped, policy_tok, expert_tok))
+        return loss, stats
+
+    def _token_stats(self, ratio, clipped, p, shaped, policy_tok, expert_tok) -> dict[str, float]:
+        grad_weight = _SHAPING_GRAD_WEIGHTS[self.expert_shaping](shaped, p)  # [B, T]  d f(p) / d logp
+        return {
+            "policy/ratio_mean": _mean(ratio, policy_tok),
+            "policy/clipfrac": _mean(clipped.float(), policy_tok),
+            "policy/clipfrac_low": _mean((clipped & (ratio < 1)).float(), policy_tok),
+            "policy/clipfrac_high": _mean((clipped & (ratio > 1)).float(), policy_tok),
+            "expert/shaped_weight_mean": _mean(shaped, expert_tok),
+            "expert/grad_weight_mean": _mean(grad_weight, expert_tok),
+            "expert/prob_mean": _mean(p, expert_tok),
+            "tokens/policy": float(policy_tok.sum()),
+            "tokens/expert": float(expert_tok.sum()),
+        }
+
+
+def sft_loss(
+    logprobs: Tensor,
+    response_mask: Tensor,
+    token_weights: Tensor | None = None,
+    *,
+    num_valid_tokens_total: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Supervised fine-tuning on expert trajectories: weighted negative log-likelihood, token mean.
+
+    ``loss = sum_t w_t * (-logp_t) / num_valid_tokens_total`` (default: the valid tokens passed in), so
+    micro-batches sum to the full-batch loss exactly as for `TGRLLoss`.
+    """
+    _check_shapes(logprobs, {"response_mask": response_mask, "token_weights": token_weights}, {})
+    mask = response_mask.bool()  # [B, T]
+    nll = -torch.where(mask, logprobs.float(), 0.0)  # [B, T]
+    w = torch.ones_like(nll) if token_weights is None else token_weights.detach().float()  # [B, T]
+    n = int(mask.sum())
+    loss = _token_mean(w * nll, mask, num_valid_tokens_total=num_valid_tokens_total or n)
+    return loss, {"loss/sft": float(loss.detach()), "sft/nll_mean": _mean(nll, mask), "tokens/sft": float(n)}

@@ -1,0 +1,436 @@
+"""The training loop: one recipe for `sft`, `grpo` and `tgrl` (DESIGN.md §4), read top to bottom.
+
+Each step: (1) sample problems, (2) roll out G responses each, (3) score them with the verifiable reward,
+(4) mix in expert trajectories that pass the in-loop filters (tgrl; sft trains on them alone), (5) drop
+zero-variance groups (optional), (6) group-relative advantages over the mixed group, (7) no-grad passes for
+old log-probs and token weights, (8) the policy update, (9) sync the generator's weights, (10) metrics,
+(11) checkpoint. The pieces live in `rollout`, `mixing`, `update` and `checkpoint`; this module only
+orders them and owns the run's state.
+
+The algorithms differ only in data and objective: grpo never injects experts (TGRL with `n_expert=0`),
+sft has no rollouts and trains with `losses.sft_loss` on expert trajectories (`mixing.n_expert` per
+problem). Devices and mixed precision come from `accelerate`, so `accelerate launch` runs the same code on
+several GPUs (generation with the hf backend then runs per rank on its own problems).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tgrl_lib.config import TrainConfig, flatten, load_config, read_yaml
+from tgrl_lib.errors import TgrlError
+from tgrl_lib.metrics_log import FanoutLogger, JsonlLogger, MetricsLogger
+from tgrl_lib.rl.checkpoint import (
+    TrainingState,
+    latest_checkpoint,
+    load_training_state,
+    prune,
+    publish_final,
+    save_checkpoint,
+    set_rng_state,
+)
+from tgrl_lib.rl.mixing import ExpertPool, add_experts, drop_zero_variance
+from tgrl_lib.rl.rollout import DataCursor, Group, derived_seed, make_groups, rollout, rollout_stats, score
+
+log = logging.getLogger(__name__)
+
+# config keys that may change between a run and its resumption (everything else must match)
+RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "resume", "output_dir"}
+# algorithm -> which groups receive expert trajectories (grpo: none)
+EXPERT_RULES: dict[str, Callable[[TrainConfig], Callable[[Group], bool]]] = {
+    "tgrl": lambda cfg: lambda group: group.accuracy < cfg.mixing.inject_below,
+    "sft": lambda cfg: lambda group: True,
+}
+
+
+@dataclass
+class TrainResult:
+    """What `train` leaves behind."""
+
+    final_dir: Path  # output_dir/final: the trained model, loadable by models.load_policy
+    steps_done: int  # the run's step count on return (== config.steps)
+    metrics: dict[str, float]  # the last step's metrics ({} when no step ran in this call)
+    resumed_from: int = 0  # step of the checkpoint this call continued from (0 = fresh start)
+    message: str = ""  # one line for people, e.g. why nothing was trained
+
+
+@dataclass
+class Run:
+    """Everything a step reads or changes."""
+
+    config: TrainConfig
+    accelerator: Any
+    model: Any  # prepared by accelerate (train mode)
+    processor: Any
+    optimizer: Any
+    scheduler: Any
+    dataset: Any  # schema.Dataset of problems
+    cursor: DataCursor
+    objective: Any
+    backend: Any | None = None  # rollout backend (None for sft)
+    pool: ExpertPool | None = None  # expert trajectories (None for grpo)
+    ref_model: Any | None = None  # frozen reference for the KL (kl_coef > 0)
+    step: int = 0
+    max_response_tokens: int = 0
+    forbidden_ids: frozenset[int] = frozenset()  # ids a response may not contain (image/video slots)
+
+    @property
+    def policy(self) -> Any:
+        return self.accelerator.unwrap_model(self.model)
+
+
+# ------------------------------------------------------------------------------------------- entry
+def train(
+    config: TrainConfig,
+    *,
+    problems_dir: str | Path,
+    experts_dir: str | Path | None = None,
+    logger: MetricsLogger | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train `config.model` on the problems (and expert trajectories) into `config.output_dir`.
+
+    Metrics go to `output_dir/metrics.jsonl` and to `logger` if given (the caller closes it);
+    `on_step(step, metrics)` is called after every step (progress bars). With `resume: auto` a run
+    continues from its newest complete checkpoint; a run that is already complete trains nothing and
+    says so in `TrainResult.message`.
+    """
+    output_dir = Path(config.output_dir)
+    resume = resume_state(config, output_dir)
+    if resume is not None and resume.step >= config.steps:
+        return _already_complete(config, output_dir, resume)
+    run = setup(config, problems_dir, experts_dir, resume)
+    main = run.accelerator.is_main_process  # only the main process writes metrics and the final model
+    jsonl = JsonlLogger(output_dir / "metrics.jsonl") if main else None
+    sink = FanoutLogger(*[x for x in (jsonl, logger) if x is not None and main])
+    metrics: dict[str, float] = {}
+    try:
+        if run.pool is not None and resume is None:
+            sink.log(run.pool.stats(), 0)
+        for step in range(run.step + 1, config.steps + 1):
+            metrics = train_step(run, step)
+            run.step = step
+            sink.log(metrics, step)
+            if step % config.checkpoint_every == 0 or step == config.steps:  # 11. checkpoint
+                save(run)
+            if on_step is not None:
+                on_step(step, metrics)
+    finally:
+        if jsonl is not None:
+            jsonl.close()
+    final = output_dir / "final"
+    if main:
+        publish_final(latest_checkpoint(output_dir), output_dir)
+    run.accelerator.wait_for_everyone()
+    start = resume.step if resume else 0
+    message = f"trained steps {start + 1}-{config.steps}; final model in {final}"
+    return TrainResult(final, config.steps, metrics, resumed_from=start, message=message)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from a recipe's `train:` section (or a file holding only train keys), `--set` on top.
+    Overrides may be written `lr=1e-4` or `train.lr=1e-4`."""
+    data = read_yaml(path) if path is not None else {}
+    section = "train" if "train" in data or not data else None
+    pairs = [o.removeprefix("train.") for o in overrides or []]
+    return load_config(path, TrainConfig, pairs, section=section)
+
+
+# ------------------------------------------------------------------------------------------ resume
+def resume_state(config: TrainConfig, output_dir: Path) -> TrainingState | None:
+    """The newest complete checkpoint to continue from, or None for a fresh run; refuses to mix runs."""
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return None
+    if config.resume == "never":
+        raise TgrlError(
+            f"output_dir already holds checkpoints (newest {latest.name}) and train.resume is 'never'",
+            path=output_dir,
+            hint="use a new output_dir, delete the step-* directories, or set train.resume: auto",
+        )
+    state = load_training_state(latest)
+    saved, now = flatten(state.config), flatten(config.model_dump(mode="json"))
+    changed = sorted(
+        k for k in saved.keys() | now.keys() if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)
+    )
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise TgrlError(
+            f"the config differs from the checkpoint's in {len(changed)} key(s) ({diffs})",
+            path=latest,
+            hint="resume with the same config (only steps/checkpointing may change) or use a new output_dir",
+        )
+    if state.step > config.steps:
+        raise TgrlError(
+            f"output_dir holds a checkpoint at step {state.step}, beyond train.steps={config.steps}",
+            path=latest,
+            hint=f"set train.steps >= {state.step} to continue it, or use a new output_dir",
+        )
+    return state
+
+
+def _already_complete(config: TrainConfig, output_dir: Path, state: TrainingState) -> TrainResult:
+    final = output_dir / "final"
+    if not final.is_dir():  # killed between the last checkpoint and publishing
+        final = publish_final(state.path, output_dir)
+    prune(output_dir, config.keep_checkpoints)  # killed before the last save pruned the older ones
+    message = (
+        f"nothing to train: the run in {output_dir} is already complete ({state.step} of {config.steps} "
+        f"steps); final model in {final} (raise train.steps to continue, or use a new output_dir)"
+    )
+    log.warning(message)
+    return TrainResult(final, state.step, {}, resumed_from=state.step, message=message)
+
+
+# ------------------------------------------------------------------------------------------- setup
+def setup(
+    config: TrainConfig,
+    problems_dir: str | Path,
+    experts_dir: str | Path | None,
+    resume: TrainingState | None,
+) -> Run:
+    """Load data, policy, optimizer, experts and the rollout backend; restore a checkpoint's state."""
+    import torch
+    from accelerate import Accelerator
+
+    from tgrl_lib.generation.base import non_response_token_ids
+    from tgrl_lib.models.policy import load_policy
+    from tgrl_lib.rl.update import OBJECTIVES
+
+    if config.algorithm in EXPERT_RULES and experts_dir is None:
+        raise TgrlError(
+            f"algorithm {config.algorithm} needs expert trajectories",
+            hint="pass --experts DIR (a dataset from tgrl generate / tgrl filter), or use algorithm grpo",
+        )
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    dataset = _load(problems_dir, "problems")
+    start = resume.path if resume is not None else config.model
+    policy = load_policy(start, dtype="float32", trust_remote_code=config.trust_remote_code)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0
+    )  # linear warm-up over optimizer steps, then constant
+    model, optimizer = accelerator.prepare(policy.model.train(), optimizer)
+    budget = config.in_loop_filter.max_tokens or config.max_new_tokens
+    run = Run(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        processor=policy.processor,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        dataset=dataset,
+        cursor=DataCursor(len(dataset.records), config.seed),
+        objective=OBJECTIVES[config.algorithm](config),
+        max_response_tokens=max(config.max_new_tokens, budget),
+        forbidden_ids=frozenset(non_response_token_ids(policy.tokenizer)),
+    )
+    if config.algorithm in EXPERT_RULES:
+        run.pool = _expert_pool(config, experts_dir, dataset, policy.tokenizer, budget)
+    if config.algorithm != "sft":
+        run.backend = ROLLOUT_BACKENDS[config.rollout_backend](run, policy.path)
+    if config.loss.kl_coef > 0:
+        ref = load_policy(config.model, dtype="float32", trust_remote_code=config.trust_remote_code)
+        run.ref_model = ref.model.to(accelerator.device).eval().requires_grad_(False)
+    if resume is not None:
+        _restore(run, resume)
+    return run
+
+
+def _load(directory: str | Path, kind: str) -> Any:
+    from tgrl_lib.data.schema import load_dataset
+    from tgrl_lib.store.artifacts import localize
+
+    dataset = load_dataset(localize(str(directory)), kind)
+    if dataset.errors:
+        log.warning(
+            "%s: skipping %d bad row(s), first: %s", directory, len(dataset.errors), dataset.errors[0]
+        )
+    if not dataset.records:
+        raise TgrlError(f"the {kind} dataset has no usable records", path=directory)
+    return dataset
+
+
+def _expert_pool(
+    config: TrainConfig, experts_dir: Any, dataset: Any, tokenizer: Any, budget: int
+) -> ExpertPool:
+    trajectories = _load(experts_dir, "trajectories").records
+    pool = ExpertPool.build(
+        trajectories,
+        dataset.by_id(),
+        tokenizer=tokenizer,
+        require_verified=config.in_loop_filter.require_verified,
+        max_tokens=budget,
+    )
+    if pool.size == 0:
+        raise TgrlError(
+            f"no expert trajectory passed the in-loop filters ({dict(pool.rejected)})",
+            path=experts_dir,
+            hint="check that the trajectories belong to these problems, or relax train.in_loop_filter",
+        )
+    return pool
+
+
+def _hf_backend(run: Run, path: Path) -> Any:
+    from tgrl_lib.generation.hf import HFBackend
+
+    return HFBackend(run.policy, run.processor, batch_size=run.config.rollout_batch_size)
+
+
+def _vllm_backend(run: Run, path: Path) -> Any:
+    from tgrl_lib.generation.vllm import VLLMBackend
+
+    c = run.config
+    return VLLMBackend(
+        str(path),
+        gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+        max_model_len=c.vllm_max_model_len,
+        seed=c.seed,
+        trust_remote_code=c.trust_remote_code,
+    )
+
+
+ROLLOUT_BACKENDS: dict[str, Callable[[Run, Path], Any]] = {"hf": _hf_backend, "vllm": _vllm_backend}
+
+
+def _restore(run: Run, state: TrainingState) -> None:
+    tensors = state.tensors()
+    run.optimizer.load_state_dict(tensors["optimizer"])
+    run.scheduler.load_state_dict(tensors["scheduler"])
+    run.cursor.load_state_dict(state.cursor)
+    set_rng_state(tensors["rng"])
+    run.step = state.step
+
+
+def save(run: Run) -> None:
+    """Checkpoint the run (main process writes; every process waits for it)."""
+    if not run.accelerator.is_main_process:
+        run.accelerator.wait_for_everyone()
+        return
+    save_checkpoint(
+        Path(run.config.output_dir),
+        run.step,
+        model=run.policy,
+        processor=run.processor,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        cursor=run.cursor.state_dict(),
+        config=run.config.model_dump(mode="json"),
+        keep=run.config.keep_checkpoints,
+    )
+    run.accelerator.wait_for_everyone()
+
+
+# -------------------------------------------------------------------------------------------- step
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One iteration of the algorithm; returns its metrics."""
+    import torch
+
+    from tgrl_lib.generation.base import sync_weights
+    from tgrl_lib.rl.advantages import group_advantages
+    from tgrl_lib.rl.update import build_batch, policy_update, prepare_batch
+
+    cfg, t0 = run.config, time.perf_counter()
+    # 1. sample problems (seeded cursor, reshuffled every epoch)
+    acc = run.accelerator  # every process draws the same indices and keeps its own share
+    drawn = run.cursor.take(cfg.problems_per_step * acc.num_processes)
+    problems = [run.dataset.records[i] for i in drawn[acc.process_index :: acc.num_processes]]
+    groups = make_groups(run.dataset, problems, run.processor)
+    # 2. rollout: G responses per problem, sampled with a seed derived from (seed, step)
+    generated = 0
+    if run.backend is not None:
+        generated = rollout(
+            run.backend,
+            groups,
+            samples=cfg.group_size,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=derived_seed(cfg.seed, "rollout", step),
+            forbidden_ids=run.forbidden_ids,
+        )
+    t_rollout = time.perf_counter()
+    # 3. score with the verifiable reward
+    score(groups, cfg.format_reward)
+    metrics = rollout_stats(groups)
+    # 4. expert mixing, experts passing the in-loop filters (static ones at pool build, likelihood now)
+    if run.pool is not None:
+        metrics |= add_experts(
+            groups,
+            run.pool,
+            n_expert=cfg.mixing.n_expert,
+            wants=EXPERT_RULES[cfg.algorithm](cfg),
+            step=step,
+            format_weight=cfg.format_reward,
+            likelihood=_likelihood(run),
+            min_logprob=cfg.in_loop_filter.min_logprob,
+        )
+    # 5. optional DAPO filter: groups whose (mixed) rewards are all equal carry no advantage
+    if cfg.in_loop_filter.drop_zero_variance and run.backend is not None:
+        groups, dropped = drop_zero_variance(groups)
+        metrics["groups/dropped_zero_variance"] = float(dropped)
+    groups = [g for g in groups if g.samples]  # sft: problems without an eligible expert
+    if not groups:
+        return metrics | _perf(t0, t_rollout, t_rollout, generated, 0) | {"update/skipped": 1.0}
+    # 6. advantages over the mixed group: r - mean(group) [/ std]
+    advantages = None
+    if run.backend is not None:
+        rewards = torch.tensor([[s.reward for s in g.samples] for g in groups])  # [N, G]
+        advantages = group_advantages(rewards, scale=cfg.advantage_scale)  # [N, G]
+    batch = build_batch(run.processor, groups, advantages, run.max_response_tokens)
+    # 7. old log-probs (only when off-policy), token weights, reference log-probs: no grad
+    run.model.train()
+    metrics |= prepare_batch(batch, run.policy, run.processor, cfg, run.ref_model)
+    # 8. update: ppo_epochs x minibatches, gradient accumulation over micro-batches
+    metrics |= policy_update(
+        run.accelerator, run.model, run.optimizer, run.scheduler, batch, run.objective, cfg, step
+    )
+    t_update = time.perf_counter()
+    # 9. sync the generator's weights (no-op when it shares the model)
+    if run.backend is not None:
+        sync_weights(run.backend, run.policy.state_dict().items())
+    # 10. metrics
+    if advantages is not None and bool(batch.expert_mask.any()):
+        metrics["expert/advantage_mean"] = float(batch.advantages[batch.expert_mask].mean())
+    metrics["optim/lr"] = float(run.scheduler.get_last_lr()[0])
+    tokens = int(batch.seq.response_mask.sum())
+    return metrics | _perf(t0, t_rollout, t_update, generated, tokens)
+
+
+def _likelihood(run: Run) -> Callable | None:
+    """The in-loop policy-likelihood score of expert trajectories, or None when the filter is off."""
+    from tgrl_lib.rl.update import mean_logprobs
+
+    if run.config.in_loop_filter.min_logprob is None:
+        return None
+
+    def score_experts(groups: list[Group], trajectories: list[Any]) -> list[float]:
+        return mean_logprobs(
+            run.policy,
+            run.processor,
+            [g.prompt for g in groups],
+            [g.image for g in groups],
+            [t.text for t in trajectories],
+            micro_batch_size=run.config.micro_batch_size,
+            max_response_tokens=run.max_response_tokens,
+        )
+
+    return score_experts
+
+
+def _perf(t0: float, t_rollout: float, t_update: float, generated: int, tokens: int) -> dict[str, float]:
+    now = time.perf_counter()
+    return {
+        "perf/step_time_s": now - t0,
+        "perf/rollout_time_s": t_rollout - t0,
+        "perf/update_time_s": t_update - t_rollout,
+        "perf/tokens_per_s": tokens / max(now - t0, 1e-9),
+        "perf/rollout_tokens_per_s": generated / max(t_rollout - t0, 1e-9),
+        "perf/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }

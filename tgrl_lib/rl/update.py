@@ -1,0 +1,348 @@
+"""The policy update: mixed groups -> one padded batch -> no-grad passes -> `ppo_epochs` of optimizer steps.
+
+- `build_batch`: every (group, response) becomes a row of a `batching.SequenceBatch`, with its advantage and
+  whether it is an expert trajectory.
+- `prepare_batch` (no grad, over the whole batch so weights do not depend on the micro-batch split):
+  behaviour log-probs `old_logprobs` when the update is off-policy (several epochs or minibatches), the
+  blank-image pass for visual-dependency weights, the entropy for entropy weights, the frozen reference for
+  the KL. With one epoch and one minibatch nothing is off-policy: the old log-probs are the current ones,
+  detached (ratio 1, gradient of the plain policy gradient), and that forward is skipped.
+- `policy_update`: per epoch a seeded shuffle into minibatches of `minibatch_size`; each minibatch is one
+  optimizer step over micro-batches of `micro_batch_size` whose losses sum exactly to the minibatch loss
+  (`losses.accumulation_totals`); `accelerate` does backward, mixed precision and gradient clipping.
+- The objective is chosen by `algorithm` from `OBJECTIVES` (no if/elif over losses in the loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tgrl_lib.config import TrainConfig
+from tgrl_lib.models.batching import (
+    SequenceBatch,
+    blank_images,
+    collate_sequences,
+    response_logprobs,
+    shared_prefix_logprobs,
+)
+from tgrl_lib.rl.losses import TGRLLoss, accumulation_totals, sft_loss
+from tgrl_lib.rl.rollout import Group, derived_seed
+from tgrl_lib.rl.weighting import compute_token_weights, selected_tokens, weight_stats
+
+
+@dataclass
+class TrainBatch:
+    """Rows of one step's update; per-row tensors share the columns of `seq`."""
+
+    seq: SequenceBatch
+    advantages: Tensor  # [B]  0 for SFT
+    expert_mask: Tensor  # [B]  bool, True = expert trajectory
+    prompts: list[str]
+    images: list[Any]
+    responses: list[Any]  # token ids (rollouts) or text (experts), as collated
+    max_response_tokens: int  # the cap used at collation (a re-collation must use the same)
+    old_logprobs: Tensor | None = None  # [B, T]  behaviour policy; None = current, detached
+    ref_logprobs: Tensor | None = None  # [B, T]  frozen reference (KL)
+    token_weights: Tensor | None = None  # [B, T]  normalised; None = ones
+
+    @property
+    def size(self) -> int:
+        return int(self.seq.input_ids.shape[0])
+
+    def select(self, rows: Tensor) -> TrainBatch:
+        seq = self.seq.select(rows)
+        width = seq.input_ids.shape[1]
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[rows, :width]
+
+        return replace(
+            self,
+            seq=seq,
+            advantages=self.advantages[rows],
+            expert_mask=self.expert_mask[rows],
+            old_logprobs=cut(self.old_logprobs),
+            ref_logprobs=cut(self.ref_logprobs),
+            token_weights=cut(self.token_weights),
+        )
+
+
+def build_batch(
+    processor: Any, groups: Sequence[Group], advantages: Tensor | None, max_response_tokens: int
+) -> TrainBatch:
+    """One row per response of every group, groups in order; `advantages` is [N, G] (None for SFT)."""
+    rows = [(g, s) for g in groups for s in g.samples]
+    prompts, images = [g.prompt for g, _ in rows], [g.image for g, _ in rows]
+    responses = [s.response for _, s in rows]
+    seq = collate_sequences(processor, prompts, images, responses, max_response_tokens)
+    adv = torch.zeros(len(rows)) if advantages is None else advantages.reshape(-1).float()  # [B]
+    expert = torch.tensor([s.is_expert for _, s in rows], dtype=torch.bool)  # [B]
+    return TrainBatch(seq, adv, expert, prompts, images, responses, max_response_tokens)
+
+
+# ------------------------------------------------------------------------------------ no-grad passes
+@torch.no_grad()
+def batched_logprobs(
+    model: Any,
+    seq: SequenceBatch,
+    micro_batch_size: int,
+    *,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor | None]:
+    """`response_logprobs` of the whole batch in micro-batches, no grad: ([B, T], [B, T] | None).
+    Rows sharing a prompt (a group's G samples) encode it once (`shared_prefix_logprobs`)."""
+    score = {"with_entropy": with_entropy, "temperature": temperature}
+    B, T = seq.input_ids.shape
+    logprobs = torch.zeros((B, T), dtype=torch.float32)
+    entropy = torch.zeros((B, T), dtype=torch.float32) if with_entropy else None
+    device = next(model.parameters()).device
+    for start in range(0, B, micro_batch_size):
+        rows = torch.arange(start, min(start + micro_batch_size, B))
+        part = seq.select(rows).to(device)
+        shared = shared_prefix_logprobs(model, part, **score)
+        lp, ent = shared if shared is not None else response_logprobs(model, part, **score)
+        logprobs[rows, : lp.shape[1]] = lp.float().cpu()
+        if entropy is not None and ent is not None:
+            entropy[rows, : ent.shape[1]] = ent.float().cpu()
+    return logprobs, entropy
+
+
+def mean_logprobs(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Any],
+    texts: Sequence[str],
+    *,
+    micro_batch_size: int,
+    max_response_tokens: int,
+) -> list[float]:
+    """Mean token log-prob of each text under `model` (the in-loop policy-likelihood filter's score)."""
+    seq = collate_sequences(processor, list(prompts), list(images), list(texts), max_response_tokens)
+    logprobs, _ = batched_logprobs(model, seq, micro_batch_size)  # [B, T]
+    mask = seq.response_mask.float()  # [B, T]
+    return ((logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+
+
+def is_off_policy(config: TrainConfig, batch_size: int) -> bool:
+    """Whether any optimizer step sees weights that differ from the ones that sampled its rows."""
+    return config.ppo_epochs > 1 or batch_size > config.minibatch_size
+
+
+def prepare_batch(
+    batch: TrainBatch, model: Any, processor: Any, config: TrainConfig, ref_model: Any | None = None
+) -> dict[str, float]:
+    """Fill old/ref log-probs and token weights (no grad); returns weights/* stats."""
+    kind, micro = config.weighting.kind, config.micro_batch_size
+    temperature = scoring_temperature(config)  # old, ref and blank-image log-probs score like the loss
+    off_policy = is_off_policy(config, batch.size)
+    logp_img = entropy = logp_blank = None
+    if off_policy or kind in ("visual_dependency", "entropy"):
+        logp_img, entropy = batched_logprobs(
+            model, batch.seq, micro, with_entropy=kind == "entropy", temperature=temperature
+        )
+    if off_policy:
+        batch.old_logprobs = logp_img
+    if kind == "visual_dependency":
+        blank_images_ = blank_images(batch.images)  # same sizes: the same image-token layout
+        blank = collate_sequences(
+            processor, batch.prompts, blank_images_, batch.responses, batch.max_response_tokens
+        )
+        logp_blank, _ = batched_logprobs(model, blank, micro, temperature=temperature)
+    if ref_model is not None:
+        batch.ref_logprobs, _ = batched_logprobs(ref_model, batch.seq, micro, temperature=temperature)
+    w = config.weighting
+    mask = batch.seq.response_mask
+    batch.token_weights = compute_token_weights(
+        kind,
+        response_mask=mask,
+        expert_mask=batch.expert_mask,
+        logprobs_with_image=logp_img,
+        logprobs_blank=logp_blank,
+        entropy=entropy,
+        w_min=w.w_min,
+        w_max=w.w_max,
+        alpha=w.alpha,
+        apply_to=w.apply_to,
+        method=w.normalise,
+    )
+    chosen = selected_tokens(mask, w.apply_to, batch.expert_mask)
+    return weight_stats(batch.token_weights, chosen, w_min=w.w_min, w_max=w.w_max)
+
+
+# -------------------------------------------------------------------------------------- objectives
+class RLObjective:
+    """GRPO / TGRL: `losses.TGRLLoss` with the config's switches (experts, if any, flagged per row)."""
+
+    def __init__(self, config: TrainConfig):
+        c = config.loss
+        self.loss = TGRLLoss(
+            aggregation=c.aggregation,
+            clip_low=c.clip_low,
+            clip_high=c.clip_high,
+            clip=c.clip,
+            expert_shaping=c.expert_shaping,
+            shaping_gamma=c.shaping_gamma,
+            kl_coef=c.kl_coef,
+            entropy_coef=c.entropy_coef,
+            max_response_len=c.constant_length or config.max_new_tokens,
+        )
+        self.needs_entropy = c.entropy_coef > 0
+
+    def __call__(
+        self, logprobs: Tensor, entropy: Tensor | None, mb: TrainBatch, totals: dict[str, int]
+    ) -> tuple[Tensor, dict[str, float]]:
+        old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs  # [b, T]
+        return self.loss(
+            logprobs,
+            old,
+            mb.advantages,
+            mb.seq.response_mask,
+            expert_mask=mb.expert_mask,
+            token_weights=mb.token_weights,
+            ref_logprobs=mb.ref_logprobs,
+            entropy=entropy,
+            **totals,
+        )
+
+
+class SFTObjective:
+    """Supervised fine-tuning on the expert trajectories: `losses.sft_loss` (token mean, weighted)."""
+
+    needs_entropy = False
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    def __call__(
+        self, logprobs: Tensor, entropy: Tensor | None, mb: TrainBatch, totals: dict[str, int]
+    ) -> tuple[Tensor, dict[str, float]]:
+        return sft_loss(
+            logprobs,
+            mb.seq.response_mask,
+            mb.token_weights,
+            num_valid_tokens_total=totals["num_valid_tokens_total"],
+        )
+
+
+OBJECTIVES = {"sft": SFTObjective, "grpo": RLObjective, "tgrl": RLObjective}
+
+
+# ---------------------------------------------------------------------------------------- the update
+def policy_update(
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    batch: TrainBatch,
+    objective: Any,
+    config: TrainConfig,
+    step: int,
+) -> dict[str, float]:
+    """`ppo_epochs` passes; per minibatch one optimizer step over its micro-batches. Returns stats."""
+    meter = StatsMeter()
+    device = accelerator.device
+    temperature = scoring_temperature(config)
+    for epoch in range(config.ppo_epochs):
+        shuffle = torch.Generator().manual_seed(derived_seed(config.seed, "minibatch", step, epoch))
+        order = torch.randperm(batch.size, generator=shuffle)  # [B]
+        for minibatch in order.split(config.minibatch_size):
+            totals = accumulation_totals(batch.seq.response_mask[minibatch])
+            micro_batches = minibatch.split(config.micro_batch_size)
+            for i, rows in enumerate(micro_batches):
+                mb = batch.select(rows)
+                mb = replace(mb, seq=mb.seq.to(device), **_tensors_to(mb, device))
+                last = i == len(micro_batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        logprobs, entropy = _training_logprobs(
+                            accelerator, model, mb.seq, objective.needs_entropy, temperature
+                        )  # [b, T]
+                    loss, stats = objective(logprobs, entropy, mb, totals)
+                    accelerator.backward(loss)
+                meter.add_micro(stats)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            meter.end_optimizer_step(float(grad_norm))
+    return meter.summary()
+
+
+def _training_logprobs(
+    accelerator: Any, model: Any, seq: SequenceBatch, with_entropy: bool, temperature: float
+) -> tuple[Tensor, Tensor | None]:
+    """The differentiable log-probs of a micro-batch; shared prompts encoded once unless the model is
+    wrapped for distributed training (DDP/FSDP expect one forward per backward)."""
+    score = {"with_entropy": with_entropy, "temperature": temperature}
+    if accelerator.unwrap_model(model) is model:
+        shared = shared_prefix_logprobs(model, seq, **score)
+        if shared is not None:
+            return shared
+    return response_logprobs(model, seq, **score)
+
+
+def scoring_temperature(config: TrainConfig) -> float:
+    """The temperature the loss scores tokens at: the rollout's for RL (the distribution the samples came
+    from), 1 for SFT (plain log-likelihood of the expert text: there are no rollouts)."""
+    return 1.0 if config.algorithm == "sft" else config.temperature
+
+
+def _tensors_to(mb: TrainBatch, device: Any) -> dict[str, Tensor | None]:
+    names = ("advantages", "expert_mask", "old_logprobs", "ref_logprobs", "token_weights")
+    return {n: None if getattr(mb, n) is None else getattr(mb, n).to(device) for n in names}
+
+
+# key prefix -> the token count its per-micro-batch means are weighted by
+_WEIGHTED_BY = {
+    "policy/": "tokens/policy",
+    "kl/": "tokens/policy",
+    "expert/": "tokens/expert",
+    "sft/": "tokens/sft",
+}
+_SUMMED = ("loss/", "tokens/")  # per optimizer step: summed over its micro-batches (they add up exactly)
+
+
+class StatsMeter:
+    """Combines micro-batch stats: losses and token counts summed per optimizer step then averaged over
+    steps; means weighted by their token counts; grad/norm mean and max over optimizer steps."""
+
+    def __init__(self) -> None:
+        self.step_sums: dict[str, float] = {}
+        self.per_step: list[dict[str, float]] = []
+        self.weighted: dict[str, list[float]] = {}  # key -> [sum of value*weight, sum of weight]
+        self.grad_norms: list[float] = []
+
+    def add_micro(self, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            if key.startswith(_SUMMED):
+                self.step_sums[key] = self.step_sums.get(key, 0.0) + value
+                continue
+            weight_key = next((w for p, w in _WEIGHTED_BY.items() if key.startswith(p)), None)
+            weight = stats.get(weight_key, 1.0) if weight_key else 1.0
+            acc = self.weighted.setdefault(key, [0.0, 0.0])
+            acc[0] += value * weight
+            acc[1] += weight
+
+    def end_optimizer_step(self, grad_norm: float) -> None:
+        self.per_step.append(self.step_sums)
+        self.step_sums = {}
+        self.grad_norms.append(grad_norm)
+
+    def summary(self) -> dict[str, float]:
+        n = len(self.per_step)
+        if not n:
+            return {}
+        out = {k: sum(s.get(k, 0.0) for s in self.per_step) / n for k in self.per_step[0]}
+        out.update({k: (s / w if w else 0.0) for k, (s, w) in self.weighted.items()})
+        out["grad/norm"] = sum(self.grad_norms) / n
+        out["grad/norm_max"] = max(self.grad_norms)
+        out["update/optimizer_steps"] = float(n)
+        return out
