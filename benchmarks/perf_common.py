@@ -89,7 +89,7 @@ def prepare_workdir(root: Path, max_new_tokens: int = WORKLOAD["max_new_tokens"]
     from tgrl_lib.data.schema import Trajectory, load_dataset, write_dataset
     from tgrl_lib.data.synthetic import synthesize_splits
     from tgrl_lib.generation.oracle import oracle_response
-    from tgrl_lib.models.policy import build_tiny
+    from tgrl_lib.models.tiny import build_tiny
 
     model = build_tiny(root / "model", seed=0)
     fixed = root / "model-fixed-length"

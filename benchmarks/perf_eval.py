@@ -29,9 +29,9 @@ def naive_eval(policy, backend, dataset, config) -> list:
     """One problem at a time: render, load the image, `model.generate`, decode, score."""
     import torch
 
+    from tgrl_lib.data.images import load_image
     from tgrl_lib.data.prompts import render_prompt
     from tgrl_lib.evaluation.run import score_problem
-    from tgrl_lib.models.batching import load_image
 
     scores = []
     for problem in dataset.records[: config.limit]:
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> dict:
     from tgrl_lib.data.synthetic import synthesize
     from tgrl_lib.evaluation.run import evaluate
     from tgrl_lib.generation.hf import HFBackend
-    from tgrl_lib.models.policy import build_tiny, load_policy
+    from tgrl_lib.models.policy import load_policy
+    from tgrl_lib.models.tiny import build_tiny
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="perf_eval_") as tmp:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         problems, traj = make_data(root, args.problems, args.samples)
         model = Path(args.model) if args.model else None
         if model is None:
-            from tgrl_lib.models.policy import build_tiny
+            from tgrl_lib.models.tiny import build_tiny
 
             model = build_tiny(root / "tiny", seed=0)
         rules = bench_rules(problems, traj, args.repeats, model)

@@ -78,9 +78,9 @@ def run_trl(
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from tgrl_lib.data.images import load_image
     from tgrl_lib.data.prompts import build_messages
     from tgrl_lib.data.schema import load_dataset
-    from tgrl_lib.models.batching import load_image
     from tgrl_lib.models.policy import load_policy
 
     w = WORKLOAD

@@ -213,7 +213,7 @@ def prepare_data(recipe: Recipe, work: Path) -> dict[str, Path]:
 
 def start_model(recipe: Recipe, work: Path, seed: int, paths: dict[str, Path]) -> dict[str, Any]:
     """The model every arm of `seed` starts from: the seeded init, then the warm start if configured."""
-    from tgrl_lib.models.policy import build_tiny
+    from tgrl_lib.models.tiny import build_tiny
 
     seed_dir = work / f"seed{seed}"
     init = seed_dir / "init"

@@ -15,7 +15,7 @@ from servers import DEFAULT_BUCKET, DUMMY_AWS, ServerProcess, start_mlflow, star
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2.5-VL checkpoint (seed 0, 56 px images -> 4 image tokens), built once per session.
     Shared by many tests: treat it as read-only (copy it, or `save_policy` elsewhere, before changing it)."""
-    from tgrl_lib.models.policy import build_tiny
+    from tgrl_lib.models.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_model") / "model", seed=0)
 

@@ -2,15 +2,8 @@
 
 import pytest
 
-from tgrl_lib.config import (
-    PipelineConfig,
-    TrainConfig,
-    flatten,
-    load_config,
-    parse_overrides,
-    redact,
-    scrub,
-)
+from tgrl_lib.config import PipelineConfig, TrainConfig, flatten, load_config, parse_overrides
+from tgrl_lib.env import redact, scrub
 from tgrl_lib.errors import TgrlError
 
 

@@ -25,7 +25,7 @@ from infra_tools import (
 )
 from packaging.specifiers import SpecifierSet
 
-from tgrl_lib.config import is_secret_key
+from tgrl_lib.env import is_secret_key
 
 DOCKERFILES = {"cpu": DOCKER_DIR / "Dockerfile.cpu", "cuda": DOCKER_DIR / "Dockerfile.cuda"}
 # What the package build needs (pyproject's readme + packages) and the recipes shipped in the image.

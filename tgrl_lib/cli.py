@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except TgrlError as err:
-        from tgrl_lib.config import scrub
+        from tgrl_lib.env import scrub
 
         text = " ".join(line.strip() for line in scrub(str(err)).splitlines() if line.strip())
         print(f"tgrl {args.command}: error: {text}", file=sys.stderr)  # one line, whatever the message

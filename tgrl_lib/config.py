@@ -1,14 +1,12 @@
-"""Configuration: one pydantic model per step, YAML recipes, `--set` overrides, environment, redaction.
+"""Configuration: one pydantic model per step, YAML recipes, `--set` overrides.
 
 A recipe (`configs/*.yaml`) has one section per step; each section is validated by its model with
-`extra="forbid"`, so a misspelt key is an error that names the key. Environment variables are read here
-and nowhere else (`env_settings()`), and `redact()` hides secrets before anything is logged.
+`extra="forbid"`, so a misspelt key is an error that names the key. Environment variables and secrets are
+`tgrl_lib.env`'s.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -415,38 +413,6 @@ def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-# ------------------------------------------------------------------------------ environment, secrets
-SECRET_MARKERS = (
-    "secret",
-    "password",
-    "passwd",
-    "token",
-    "api_key",
-    "apikey",
-    "access_key",
-    "credential",
-    "private_key",
-    "auth",
-)
-
-
-def is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    return any(marker in lowered for marker in SECRET_MARKERS) and not lowered.endswith("_env")
-
-
-def redact(data: Any) -> Any:
-    """Copy of `data` with values of secret-looking keys replaced by '***' (recursively)."""
-    if isinstance(data, dict):
-        return {
-            k: ("***" if is_secret_key(str(k)) and v not in (None, "") else redact(v))
-            for k, v in data.items()
-        }
-    if isinstance(data, list):
-        return [redact(v) for v in data]
-    return data
-
-
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr": 1}} -> {"train.lr": 1}; lists become their repr."""
     flat: dict[str, Any] = {}
@@ -457,30 +423,3 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def read_env(name: str, default: str | None = None) -> str | None:
-    """The one place that reads environment variables (secrets included: never log the value)."""
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
-
-
-def secret_values() -> list[str]:
-    """Values of secret env vars currently set, for scrubbing text before it is logged."""
-    return [v for k, v in os.environ.items() if is_secret_key(k) and v and len(v) >= 6]
-
-
-def scrub(text: str) -> str:
-    for value in secret_values():
-        text = text.replace(value, "***")
-    return text
-
-
-def default_tracking_uri(work_dir: str | Path = "runs") -> str:
-    return read_env("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
-
-
-def require_finite(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise TgrlError(f"{what} must be finite, got {value}")
-    return value

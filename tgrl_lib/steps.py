@@ -28,7 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import PipelineConfig, TrainConfig, load_config, read_env
+from tgrl_lib.config import PipelineConfig, TrainConfig, load_config
+from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
 
 MODEL_REF = "model_ref.json"  # an init_model output that points at a model instead of holding it
@@ -196,7 +197,7 @@ def init_model(config: str, pipeline_run_id: str, base_model: str, out_dir: str)
     with step_run(cfg, pipeline_run_id, "init_model") as run:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         if source == "tiny":
-            from tgrl_lib.models.policy import build_tiny
+            from tgrl_lib.models.tiny import build_tiny
 
             build_tiny(out_dir, seed=cfg.train.seed, image_size=cfg.data.image_size)
         else:

@@ -313,8 +313,8 @@ def reference_logprob(model_dir: Path, problem: Problem, problems_dir: Path, tex
     """Mean log-prob of the response, one sequence at a time, with a plain log_softmax."""
     import torch
 
+    from tgrl_lib.data.images import load_image
     from tgrl_lib.data.prompts import render_prompt
-    from tgrl_lib.models.batching import load_image
     from tgrl_lib.models.policy import load_policy
 
     policy = load_policy(model_dir)

@@ -226,9 +226,9 @@ def served(tiny_model_dir):
 
 
 def test_generate_through_the_server_matches_the_local_backend(served, problems, tiny_model_dir, tmp_path):
+    from tgrl_lib.data.images import load_image
     from tgrl_lib.data.prompts import render_prompt
     from tgrl_lib.generation.hf import HFBackend
-    from tgrl_lib.models.batching import load_image
 
     config = GenerateConfig(
         expert="openai",

@@ -7,17 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tgrl_lib.data.images import blank_images, load_image
 from tgrl_lib.data.prompts import render_prompt
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.models.batching import (
-    blank_images,
-    collate_prompts,
-    collate_sequences,
-    load_image,
-    response_logprobs,
-    response_token_ids,
-    token_logprob_entropy,
-)
+from tgrl_lib.models.collate import collate_prompts, collate_sequences, response_token_ids
+from tgrl_lib.models.logprobs import response_logprobs, token_logprob_entropy
 from tgrl_lib.models.policy import load_policy
 
 QUESTIONS = [

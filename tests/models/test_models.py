@@ -13,17 +13,17 @@ from PIL import Image
 
 from tgrl_lib.data.prompts import SYSTEM_PROMPT, build_messages, render_prompt
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.models.batching import collate_prompts, collate_sequences, response_logprobs
+from tgrl_lib.models.collate import collate_prompts, collate_sequences
+from tgrl_lib.models.logprobs import response_logprobs
 from tgrl_lib.models.policy import (
     IMAGE_PLACEHOLDER,
     SPECIAL_TOKENS,
     Policy,
     QwenVLImageTextProcessor,
-    build_tiny,
     load_policy,
     save_policy,
-    train_tokenizer,
 )
+from tgrl_lib.models.tiny import build_tiny, train_tokenizer
 
 QUESTIONS = [
     ("How many red circles are there?", None, "<think>I see 2 red circles.</think><answer>2</answer>"),

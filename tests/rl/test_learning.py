@@ -48,9 +48,9 @@ def task(tmp_path_factory) -> dict[str, Path]:
 
 def held_out(model_dir: Path, test_dir: Path) -> dict[str, float]:
     """Greedy accuracy and format rate on the held-out problems."""
+    from tgrl_lib.data.images import load_image
     from tgrl_lib.data.prompts import render_prompt
     from tgrl_lib.generation.hf import HFBackend
-    from tgrl_lib.models.batching import load_image
     from tgrl_lib.models.policy import load_policy
     from tgrl_lib.scoring.rewards import reward
 

@@ -34,7 +34,7 @@ def _init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tgrl_lib.errors import TgrlError
-    from tgrl_lib.models.policy import build_tiny
+    from tgrl_lib.models.tiny import build_tiny
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():

@@ -240,8 +240,8 @@ def generate_benchmark(
 ) -> list[ProblemScore]:
     """Generate `config.samples` responses per problem in batches of `config.batch_size` and score them.
     Prompts are rendered with `processor` (default: the backend's own)."""
+    from tgrl_lib.data.images import load_image
     from tgrl_lib.data.prompts import render_prompt
-    from tgrl_lib.models.batching import load_image
     from tgrl_lib.progress import progress_bar
 
     processor = processor if processor is not None else getattr(backend, "processor", None)

@@ -6,9 +6,10 @@ over the response tokens and the closing <|im_end|>. Off-policy guidance methods
 note that very unlikely expert tokens give large, noisy updates; filtering on the likelihood before
 training is our concrete choice for TGRL's trajectory filtering (the paper's exact rule is not public).
 
-Batched: trajectories are sorted by length, collated with `batching.collate_sequences` and scored with
-`batching.response_logprobs` under `torch.no_grad()`. Every scored trajectory gets `meta["logprob_mean"]`
-and `meta["scored_tokens"]` (response tokens incl. the closing <|im_end|>), kept or not, for the report.
+Batched: trajectories are sorted by length, collated with `models.collate.collate_sequences` and scored with
+`models.logprobs.response_logprobs` under `torch.no_grad()`. Every scored trajectory gets
+`meta["logprob_mean"]` and `meta["scored_tokens"]` (response tokens incl. the closing <|im_end|>), kept or
+not, for the report.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class _ImageCache:
         self._images: OrderedDict[str, Any] = OrderedDict()
 
     def get(self, problem_id: str) -> Any:
-        from tgrl_lib.models.batching import load_image
+        from tgrl_lib.data.images import load_image
 
         if problem_id not in self._images:
             problem = self.context.problems[problem_id]
@@ -49,7 +50,8 @@ def score_trajectories(
     import torch
 
     from tgrl_lib.data.prompts import render_prompt
-    from tgrl_lib.models.batching import collate_sequences, response_logprobs
+    from tgrl_lib.models.collate import collate_sequences
+    from tgrl_lib.models.logprobs import response_logprobs
 
     policy = context.policy()
     device = next(policy.model.parameters()).device

@@ -1,7 +1,7 @@
 """Local generation with transformers `generate`: the rollout backend on CPU and single GPUs.
 
-Prompts are collated LEFT padded (`batching.collate_prompts`), `samples` completions per prompt come from
-`num_return_sequences` (so a group's samples are contiguous), generation stops at `<|im_end|>` (the
+Prompts are collated LEFT padded (`models.collate.collate_prompts`), `samples` completions per prompt come
+from `num_return_sequences` (so a group's samples are contiguous), generation stops at `<|im_end|>` (the
 model's `generation_config.eos_token_id` list) or after `max_new_tokens`. Sampling is pure temperature
 sampling over the full vocabulary (top-k and top-p off), which is the distribution the RL loss assumes;
 `temperature=0` is greedy. Image/video special tokens are suppressed (`base.NON_RESPONSE_TOKENS`): a
@@ -88,7 +88,7 @@ class HFBackend:
     ) -> list[list[Completion]]:
         import torch
 
-        from tgrl_lib.models.batching import collate_prompts
+        from tgrl_lib.models.collate import collate_prompts
 
         device = next(self.model.parameters()).device
         inputs = collate_prompts(self.processor, prompts, images).to(device)

@@ -9,7 +9,7 @@ Transport is the standard library (`urllib`): requests run in a thread pool of `
 429, 5xx, timeouts and dropped connections are retried `max_retries` times with exponential backoff and full
 jitter ("Exponential Backoff And Jitter", AWS Architecture Blog, 2015), and a `Retry-After` header is
 honoured when the server sends one. Other 4xx answers are not retried. The API key comes from the env var
-named by `api_key_env` (read in `config.read_env`), is sent only as a Bearer header, and is scrubbed from
+named by `api_key_env` (read in `env.read_env`), is sent only as a Bearer header, and is scrubbed from
 every error message.
 """
 
@@ -32,7 +32,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import GenerateConfig, read_env, scrub
+from tgrl_lib.config import GenerateConfig
+from tgrl_lib.env import read_env, scrub
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.generation.base import Completion
 

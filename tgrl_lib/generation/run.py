@@ -293,7 +293,7 @@ def _load_images(
     """Decode the batch's images, dropping (and rejecting) problems whose image is unreadable, whatever
     the backend: a trajectory whose image cannot be decoded is useless to the trainer. The oracle reads
     facts, not pixels, so it gets None."""
-    from tgrl_lib.models.batching import load_image
+    from tgrl_lib.data.images import load_image
 
     kept, images, bad = [], [], []
     for problem in batch:

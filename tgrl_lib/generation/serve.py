@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import read_env
+from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
 
 MAX_BODY_BYTES = 32 * 1024 * 1024

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import read_env, scrub
+from tgrl_lib.env import read_env, scrub
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.mlops.tracking import current_tracking_uri, metric_key, mlflow_errors
 
@@ -69,14 +69,14 @@ def checkpoint_model() -> Any:
 
 
 def _open_image(value: Any) -> Any:
-    """A request's image: a file path (size-checked by `batching.load_image`) or raw / base64 bytes, whose
+    """A request's image: a file path (size-checked by `data.images.load_image`) or raw / base64 bytes, whose
     header size is checked against the same pixel limit before anything is decoded."""
     import base64
     import io
 
     from PIL import Image
 
-    from tgrl_lib.models.batching import DEFAULT_MAX_PIXELS, load_image
+    from tgrl_lib.data.images import DEFAULT_MAX_PIXELS, load_image
 
     if not isinstance(value, bytes):
         text = str(value)

@@ -77,7 +77,7 @@ def connect(host: str, namespace: str | None = None, token_path: str | None = No
 
     import kfp
 
-    from tgrl_lib.config import read_env
+    from tgrl_lib.env import read_env
 
     token_path = token_path or read_env("KF_PIPELINES_SA_TOKEN_PATH")
     credentials = None

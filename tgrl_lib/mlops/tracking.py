@@ -8,7 +8,7 @@ Layout in MLflow (issue 5 item 2):
 - child run per step (`mlflow.parentRunId` = parent), tags `tgrl.step`, `tgrl.pipeline_run_id`,
   `tgrl.git_commit` (when known: `TGRL_GIT_COMMIT` or the source checkout), `tgrl.config_hash`,
   `tgrl.dataset_sha256`; params from the step's pydantic config, flattened, with secret-looking keys
-  redacted (`config.redact`), secret env values scrubbed from every value (`config.scrub`), values cut at
+  redacted (`env.redact`), secret env values scrubbed from every value (`env.scrub`), values cut at
   MLflow's 6000 characters, logged in batches of 100; metrics with step numbers (`MlflowLogger` streams
   the trainer's); reports and plots as artifacts; system metrics (CPU, memory, GPU when `pynvml` is
   present; needs `psutil`) when `tracking.system_metrics` is on.
@@ -42,15 +42,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import (
-    PipelineConfig,
-    TrackingConfig,
-    default_tracking_uri,
-    flatten,
-    read_env,
-    redact,
-    scrub,
-)
+from tgrl_lib.config import PipelineConfig, TrackingConfig, flatten
+from tgrl_lib.env import default_tracking_uri, read_env, redact, scrub
 from tgrl_lib.errors import TgrlError
 
 PROBE_ATTEMPTS = 3

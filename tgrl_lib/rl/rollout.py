@@ -85,7 +85,7 @@ class Sample:
 
     @property
     def response(self) -> str | tuple[int, ...]:
-        """What `batching.collate_sequences` takes: the sampled ids, or the expert's text."""
+        """What `models.collate.collate_sequences` takes: the sampled ids, or the expert's text."""
         return self.token_ids if self.token_ids is not None else self.text
 
 
@@ -111,8 +111,8 @@ class Group:
 
 def make_groups(dataset: Dataset, problems: list[Problem], processor: Any) -> list[Group]:
     """One empty group per problem: the shared prompt and the problem's image (decoded, RGB)."""
+    from tgrl_lib.data.images import load_image
     from tgrl_lib.data.prompts import render_prompt
-    from tgrl_lib.models.batching import load_image
 
     return [
         Group(p, render_prompt(processor, p.question, p.choices), load_image(dataset.image_path(p)))

@@ -1,7 +1,7 @@
 """The policy update: mixed groups -> one padded batch -> no-grad passes -> `ppo_epochs` of optimizer steps.
 
-- `build_batch`: every (group, response) becomes a row of a `batching.SequenceBatch`, with its advantage and
-  whether it is an expert trajectory.
+- `build_batch`: every (group, response) becomes a row of a `models.collate.SequenceBatch`, with its advantage
+  and whether it is an expert trajectory.
 - `prepare_batch` (no grad, over the whole batch so weights do not depend on the micro-batch split):
   behaviour log-probs `old_logprobs` when the update is off-policy (several epochs or minibatches), the
   blank-image pass for visual-dependency weights, the entropy for entropy weights, the frozen reference for
@@ -24,13 +24,9 @@ import torch
 from torch import Tensor
 
 from tgrl_lib.config import TrainConfig
-from tgrl_lib.models.batching import (
-    SequenceBatch,
-    blank_images,
-    collate_sequences,
-    response_logprobs,
-    shared_prefix_logprobs,
-)
+from tgrl_lib.data.images import blank_images
+from tgrl_lib.models.collate import SequenceBatch, collate_sequences
+from tgrl_lib.models.logprobs import response_logprobs, shared_prefix_logprobs
 from tgrl_lib.rl.losses import TGRLLoss, accumulation_totals, sft_loss
 from tgrl_lib.rl.rollout import Group, derived_seed
 from tgrl_lib.rl.weighting import compute_token_weights, selected_tokens, weight_stats

@@ -8,7 +8,7 @@ Scores (raw, >= 0, no gradient):
   weight every token instead of keeping the top 20%, and unlike PGPO we score the sampled token's log-prob,
   not the full-distribution KL. The clamp at 0 is our choice: a token that becomes *more* likely without
   the image is not visually grounded, so it scores 0 rather than a negative weight. The caller gets
-  ``logprobs_blank`` from one extra no-grad forward on blanked images (`batching.blank_images`).
+  ``logprobs_blank`` from one extra no-grad forward on blanked images (`data.images.blank_images`).
 - ``entropy``: the policy's entropy at the token's position (high-entropy "forking" tokens, as in
   "Beyond the 80/20 rule" and TW-GRPO; TW-GRPO uses entropy across the group, we use the per-token one).
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tgrl_lib.config import read_env
 from tgrl_lib.data.schema import MANIFEST, Manifest, resolve_inside, sha256_file
+from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.store.s3 import (
     S3Prefix,

@@ -3,7 +3,7 @@
 - Client: endpoint `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL` or `MLFLOW_S3_ENDPOINT_URL`; region
   `AWS_REGION`/`AWS_DEFAULT_REGION` (default us-east-1); credentials by boto3's own chain
   (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, profiles, instance roles); path-style
-  addressing; bounded connect/read timeouts. All variables are read through `config.read_env`.
+  addressing; bounded connect/read timeouts. All variables are read through `env.read_env`.
 - Retries, two layers: botocore retries each request (`mode="adaptive"`, `max_attempts`); `with_retries`
   retries a whole-file transfer with exponential backoff (`backoff_s * 2**n`, capped at `backoff_max_s`,
   jittered to 50-100%) on connection errors, timeouts, 5xx, throttling and a multipart upload the server
@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tgrl_lib.config import read_env
 from tgrl_lib.data.schema import check_relative_path
+from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
 
 log = logging.getLogger("tgrl_lib.store.artifacts")

@@ -1,5 +1,5 @@
-"""`batching.shared_prefix_logprobs` (no-grad log-probs with each distinct prompt encoded once) against the
-plain forward `batching.response_logprobs`, on the tiny Qwen2.5-VL, and its fall-backs."""
+"""`models.logprobs.shared_prefix_logprobs` (no-grad log-probs with each distinct prompt encoded once)
+against the plain forward `models.logprobs.response_logprobs`, on the tiny Qwen2.5-VL, and its fall-backs."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tgrl_lib.data.images import blank_images
 from tgrl_lib.data.prompts import render_prompt
-from tgrl_lib.models.batching import (
-    blank_images,
-    collate_sequences,
-    response_logprobs,
-    shared_prefix_logprobs,
-)
+from tgrl_lib.models.collate import collate_sequences
+from tgrl_lib.models.logprobs import response_logprobs, shared_prefix_logprobs
 from tgrl_lib.models.policy import load_policy
 from tgrl_lib.rl.update import batched_logprobs
 
