@@ -355,11 +355,14 @@ def test_likelihood_filter_matches_a_one_by_one_reference(small_set, tiny_model_
         assert t.meta["logprob_mean"] == max(group)
     assert report.logprob is not None and report.logprob.count == 18
     assert (tmp_path / "k" / "report_logprobs.png").is_file()
-    threshold = sorted(s.meta["logprob_mean"] for s in scored)[9]
+    ranked = sorted({s.meta["logprob_mean"] for s in scored})
+    above = next(i for i, v in enumerate(ranked) if v >= sorted(s.meta["logprob_mean"] for s in scored)[9])
+    # between two distinct scores: a rerun at another batch size may differ in the 6th decimal
+    threshold = (ranked[above - 1] + ranked[above]) / 2
     config = specs("likelihood", likelihood={"min_logprob": threshold})
     report = run_filters(traj_dir, tmp_path / "k2", tmp_path / "r2", config, policy=str(tiny_model_dir))
     expected = sum(s.meta["logprob_mean"] >= threshold for s in scored)
-    assert report.kept == expected and 9 <= expected < 18  # >= 9: equal texts tie at the threshold
+    assert report.kept == expected and 9 <= expected < 18  # >= 9: equal texts score equally
 
 
 def test_length_counts_policy_tokens_when_a_policy_is_given(small_set, tiny_model_dir, tmp_path):

@@ -9,6 +9,7 @@ from tgrl_lib.errors import TgrlError
 from tgrl_lib.rl import losses
 from tgrl_lib.rl.advantages import group_advantages
 from tgrl_lib.rl.losses import AGGREGATIONS, TGRLLoss, accumulation_totals, k3_kl, sft_loss
+from tgrl_lib.rl.stats import StepSum, TokenMean, as_floats
 
 
 def close(actual, expected, tol=1e-6):
@@ -16,6 +17,7 @@ def close(actual, expected, tol=1e-6):
 
 
 def assert_stats(stats, want):
+    stats = as_floats(stats)
     assert {key: stats[key] for key in want} == pytest.approx(want)
 
 
@@ -39,7 +41,7 @@ def test_clip_both_sides_with_positive_and_negative_advantages_and_clipfrac():
     want = {"policy/clipfrac": 2 / 6, "policy/clipfrac_low": 1 / 6, "policy/clipfrac_high": 1 / 6}
     assert_stats(stats, want | {"policy/ratio_mean": 3.1 / 3, "tokens/policy": 6.0, "tokens/expert": 0.0})
     _, unclipped = TGRLLoss(clip=False)(logp, old, adv, torch.ones(2, 3))
-    assert unclipped["policy/clipfrac"] == 0.0
+    assert as_floats(unclipped)["policy/clipfrac"] == 0.0
 
 
 def test_expert_shaping_values_and_gradient_match_the_formula():
@@ -99,6 +101,7 @@ def test_k3_values_and_kl_on_policy_tokens_only():
     assert_stats(stats, {"kl/mean": k3 / 2, "loss/kl": 0.1 * k3 / 4, "loss/total": loss.item()})
     assert loss.item() == pytest.approx(0.1 * k3 / 4)
     _, no_coef = TGRLLoss()(logp, logp.detach(), adv, mask, expert_mask=expert, ref_logprobs=ref)
+    no_coef = as_floats(no_coef)
     assert no_coef["loss/kl"] == 0.0 and no_coef["kl/mean"] == pytest.approx(k3 / 2)
 
 
@@ -124,7 +127,9 @@ TERM = torch.tensor([[1.0, 2.0, 3.0, 50.0], [4.0, 50.0, 50.0, 50.0], [9.0, 9.0, 
 def test_each_aggregation_on_a_ragged_mask(name, expected):
     totals = accumulation_totals(RAGGED)
     assert totals == {"num_valid_tokens_total": 4, "num_sequences_total": 2}  # the empty row is no sequence
-    assert AGGREGATIONS[name](TERM, RAGGED, max_response_len=4, **totals).item() == pytest.approx(expected)
+    assert losses.aggregate(TERM, RAGGED, name, max_response_len=4, **totals).item() == pytest.approx(
+        expected
+    )
     # the same through the loss: ratio 1, A = -1, no clip -> per-token term = weight
     logp = torch.zeros(3, 4)
     loss, _ = TGRLLoss(aggregation=name, max_response_len=4, clip=False)(
@@ -196,7 +201,7 @@ def test_all_weights_one_no_experts_equals_plain_grpo(aggregation, per_sequence)
     loss_fn = TGRLLoss(aggregation=aggregation, clip_low=0.2, clip_high=0.2, kl_coef=0.04)
     no_experts, ones = torch.zeros(8, dtype=torch.bool), torch.ones(mask.shape)
     loss, stats = loss_fn(logp, old, adv, mask, expert_mask=no_experts, token_weights=ones, ref_logprobs=ref)
-    assert 0 < stats["policy/clipfrac"] < 1  # the batch exercises the clip
+    assert 0 < as_floats(stats)["policy/clipfrac"] < 1  # the batch exercises the clip
     (grad,) = torch.autograd.grad(loss, logp)
     as_lists = [t.tolist() for t in (old, ref, adv, mask)]  # the reference sees plain python numbers
     expected = grpo_reference(logp, *as_lists, eps=0.2, beta=0.04, per_sequence=per_sequence)
@@ -205,15 +210,23 @@ def test_all_weights_one_no_experts_equals_plain_grpo(aggregation, per_sequence)
     close(grad, expected_grad)
 
 
-def test_stats_decompose_the_loss_and_are_plain_floats():
+def test_stats_decompose_the_loss_and_stay_detached_tensors_with_their_rule():
     logp, old, ref, adv, mask = _random_batch(seed=4)
     expert = torch.tensor([True, False, False, False, True, False, False, False])
     loss, stats = TGRLLoss(kl_coef=0.1, entropy_coef=0.01)(
         logp, old, adv, mask, expert_mask=expert, ref_logprobs=ref, entropy=torch.rand(mask.shape)
     )
+    raw, stats = stats, as_floats(stats)
     parts = stats["loss/policy"] + stats["loss/expert"] + stats["loss/kl"] - stats["loss/entropy_bonus"]
     assert parts == pytest.approx(loss.item(), abs=1e-6) and stats["loss/total"] == pytest.approx(loss.item())
-    assert all(type(v) is float and "/" in k for k, v in stats.items())
+    tensors = [t for v in raw.values() for t in ([v.value] if isinstance(v, StepSum) else [v.total, v.count])]
+    assert all(not t.requires_grad and t.dim() == 0 for t in tensors)  # no host sync, no graph kept alive
+    summed = {"loss/total", "loss/policy", "loss/expert", "loss/kl", "loss/entropy_bonus", "tokens/policy"}
+    assert {k for k, v in raw.items() if isinstance(v, StepSum)} == summed | {
+        "tokens/policy",
+        "tokens/expert",
+    }
+    assert all(isinstance(v, TokenMean) for k, v in raw.items() if not k.startswith(("loss/", "tokens/")))
     assert stats["tokens/expert"] == 6 + 6 and stats["tokens/policy"] == mask.sum().item() - 12
 
 
@@ -230,7 +243,7 @@ def test_garbage_outside_its_domain_does_not_leak():
     assert loss.item() == pytest.approx(clean.item())
     (grad,) = torch.autograd.grad(loss, logp_bad)
     assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
-    assert all(isfinite(v) for v in stats.values())
+    assert all(isfinite(v) for v in as_floats(stats).values())
 
 
 def test_empty_mask_gives_zero_loss_and_finite_stats():
@@ -240,7 +253,7 @@ def test_empty_mask_gives_zero_loss_and_finite_stats():
     for aggregation in AGGREGATIONS:
         loss_fn = TGRLLoss(aggregation=aggregation, max_response_len=3)
         loss, stats = loss_fn(logp, logp.detach(), torch.ones(2), empty, expert_mask=expert)
-        assert loss.item() == 0.0 and all(v == 0.0 for v in stats.values())
+        assert loss.item() == 0.0 and all(v == 0.0 for v in as_floats(stats).values())
         assert (torch.autograd.grad(loss, logp)[0] == 0).all()
 
 
@@ -285,7 +298,8 @@ def test_sft_loss_is_weighted_token_mean_nll():
     loss, stats = sft_loss(logp, mask)
     nll = [log(2), log(4), 0.0, log(10)]
     want = {"loss/sft": sum(nll) / 4, "sft/nll_mean": sum(nll) / 4, "tokens/sft": 4.0}
-    assert stats == pytest.approx(want) and loss.item() == stats["loss/sft"]
+    stats = as_floats(stats)
+    assert stats == pytest.approx(want) and loss.item() == pytest.approx(stats["loss/sft"])
     weights = torch.tensor([[2.0, 1.0, 1.0], [0.5, 1.0, 1.0]])
     weighted, _ = sft_loss(logp, mask, weights)
     assert weighted.item() == pytest.approx((2 * log(2) + log(4) + 0.5 * log(10)) / 4)

@@ -14,6 +14,7 @@ from tgrl_lib.data.prompts import render_prompt
 from tgrl_lib.data.schema import Problem, Trajectory
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.generation.oracle import oracle_response
+from tgrl_lib.models.logprobs import mean_logprobs
 from tgrl_lib.models.policy import load_policy
 from tgrl_lib.rl.advantages import group_advantages
 from tgrl_lib.rl.mixing import ExpertPool, add_experts, drop_zero_variance, rotate
@@ -21,7 +22,6 @@ from tgrl_lib.rl.rollout import DataCursor, Group, Sample
 from tgrl_lib.rl.update import (
     OBJECTIVES,
     build_batch,
-    mean_logprobs,
     policy_update,
     prepare_batch,
     scoring_temperature,
@@ -215,7 +215,7 @@ def test_likelihood_filter_uses_the_current_policy(policy):
     (group,) = _groups(policy, [[0.0, 0.0]])
     texts = ["<think>I see 2 red circles.</think><answer>2</answer>", "<think>2</think><answer>2</answer>"]
     scores = mean_logprobs(policy.model, policy.processor, [group.prompt] * 2, [group.image] * 2, texts,
-                           micro_batch_size=1, max_response_tokens=64)  # fmt: skip
+                           batch_size=1, max_response_tokens=64)[0]  # fmt: skip
     assert all(-20 < s < 0 for s in scores) and scores[0] != scores[1]
     threshold = (scores[0] + scores[1]) / 2
     keep = texts[scores.index(max(scores))]
@@ -224,7 +224,7 @@ def test_likelihood_filter_uses_the_current_policy(policy):
     def likelihood(groups, trajectories):
         return mean_logprobs(policy.model, policy.processor, [g.prompt for g in groups],
                              [g.image for g in groups], [t.text for t in trajectories],
-                             micro_batch_size=2, max_response_tokens=64)  # fmt: skip
+                             batch_size=2, max_response_tokens=64)[0]  # fmt: skip
 
     stats = add_experts([group], pool, n_expert=2, wants=lambda g: True, step=0, format_weight=0.1,
                         likelihood=likelihood, min_logprob=threshold)  # fmt: skip

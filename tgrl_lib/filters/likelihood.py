@@ -15,6 +15,7 @@ not, for the report.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,40 +44,39 @@ class _ImageCache:
         return self._images[problem_id]
 
 
+class _LazyImages(Sequence):
+    """Row i's problem image, decoded when a batch asks for it."""
+
+    def __init__(self, cache: _ImageCache, problem_ids: list[str]):
+        self.cache, self.problem_ids = cache, problem_ids
+
+    def __len__(self) -> int:
+        return len(self.problem_ids)
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        return self.cache.get(self.problem_ids[i])
+
+
 def score_trajectories(
     trajectories: list[Trajectory], context: FilterContext, *, max_response_tokens: int | None = None
 ) -> list[tuple[float, int]]:
     """(mean token log-prob, response tokens) of each trajectory under the policy, in input order."""
-    import torch
-
     from tgrl_lib.data.prompts import render_prompt
-    from tgrl_lib.models.collate import collate_sequences
-    from tgrl_lib.models.logprobs import response_logprobs
+    from tgrl_lib.models.logprobs import mean_logprobs
 
     policy = context.policy()
-    device = next(policy.model.parameters()).device
     images = _ImageCache(context)
-    order = sorted(range(len(trajectories)), key=lambda i: (len(trajectories[i].text), i))
-    scores: list[tuple[float, int]] = [(0.0, 0)] * len(trajectories)
-    for start in range(0, len(order), context.batch_size):
-        rows = order[start : start + context.batch_size]
-        problems = [context.problems[trajectories[i].problem_id] for i in rows]
-        prompts = [render_prompt(policy.processor, p.question, p.choices) for p in problems]
-        batch = collate_sequences(
-            policy.processor,
-            prompts,
-            [images.get(p.id) for p in problems],
-            [trajectories[i].text for i in rows],
-            max_response_tokens,
-        ).to(device)
-        with torch.no_grad():
-            logprobs, _ = response_logprobs(policy.model, batch)  # [B, T]
-        mask = batch.response_mask.to(logprobs.dtype)  # [B, T]
-        counts = mask.sum(-1)  # [B]
-        means = (logprobs * mask).sum(-1) / counts.clamp(min=1)  # [B]
-        for row, mean, count in zip(rows, means.tolist(), counts.tolist(), strict=True):
-            scores[row] = (float(mean), int(count))
-    return scores
+    problems = [context.problems[t.problem_id] for t in trajectories]
+    means, counts = mean_logprobs(
+        policy.model,
+        policy.processor,
+        [render_prompt(policy.processor, p.question, p.choices) for p in problems],
+        _LazyImages(images, [p.id for p in problems]),  # decoded batch by batch, not all at once
+        [t.text for t in trajectories],
+        batch_size=context.batch_size,
+        max_response_tokens=max_response_tokens,
+    )
+    return list(zip(means, counts, strict=True))
 
 
 @batch_filter("likelihood")

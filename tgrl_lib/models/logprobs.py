@@ -7,17 +7,20 @@
   their gradient (TRL's `selective_log_softmax` has the same goal; the custom backward is ours).
 - `shared_prefix_logprobs`: the same log-probs with each group's shared prompt encoded once (prefix KV
   cache copied to its rows): the update's passes at about half the work.
+- `mean_logprobs`: the mean token log-prob of whole responses, the policy-likelihood score that the
+  trajectory filter and the trainer's in-loop filter share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.models.collate import SequenceBatch
+from tgrl_lib.models.collate import SequenceBatch, collate_sequences
 
 
 # ------------------------------------------------------------------------------------- log-probs
@@ -207,3 +210,39 @@ def _distinct_prefixes(batch: SequenceBatch, lengths: Tensor) -> tuple[list[int]
             firsts.append(b)
         source.append(seen[key])
     return source, firsts
+
+
+@torch.no_grad()
+def mean_logprobs(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Any],
+    texts: Sequence[Any],
+    *,
+    batch_size: int,
+    max_response_tokens: int | None = None,
+) -> tuple[list[float], list[int]]:
+    """Mean token log-prob of each response (text or token ids) given its prompt and image, and the number
+    of tokens scored, in input order: the policy-likelihood score of the trajectory filter and of the
+    trainer's in-loop filter. Rows go in batches of similar length (less padding); a batch's rows that
+    share a prompt encode it once."""
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    device = next(model.parameters()).device
+    means, counts = [0.0] * len(texts), [0] * len(texts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        seq = collate_sequences(
+            processor,
+            [prompts[i] for i in rows],
+            [images[i] for i in rows],
+            [texts[i] for i in rows],
+            max_response_tokens,
+        ).to(device)
+        scored = shared_prefix_logprobs(model, seq) or response_logprobs(model, seq)
+        mask = seq.response_mask.to(scored[0].dtype)  # [b, T]
+        n = mask.sum(-1)  # [b]
+        mean = (scored[0] * mask).sum(-1) / n.clamp(min=1)  # [b]
+        for row, m, c in zip(rows, mean.tolist(), n.tolist(), strict=True):
+            means[row], counts[row] = m, int(c)
+    return means, counts

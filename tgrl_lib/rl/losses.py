@@ -17,7 +17,7 @@ Our choices, not in the papers: the token weights scale only the surrogate terms
 regularisers; the k3 KL is applied to on-policy tokens only (k3 estimates KL(pi || ref) only for tokens
 sampled from pi, which expert tokens are not); the entropy bonus applies to every valid token.
 
-Aggregation (one function per rule in `AGGREGATIONS`): ``token_mean`` (DAPO: sum over valid tokens / number
+Aggregation (`aggregate`, one branch per rule): ``token_mean`` (DAPO: sum over valid tokens / number
 of valid tokens), ``seq_mean`` (GRPO: mean over each sequence's tokens, then over sequences), ``constant``
 (Dr.GRPO, arXiv 2503.20783: sum / (num_sequences * max_response_len)). A "sequence" is a row with at least
 one valid token. All three are linear in the per-token terms, so `loss/policy + loss/expert + loss/kl -
@@ -28,16 +28,21 @@ step (`accumulation_totals` on the step's response mask, or the sum of it over m
 micro-batch call; the micro-batch losses then *sum* to the full-batch loss (do not divide by the number of
 micro-batches). Under data parallelism (gradients averaged over ranks) pass global totals divided by the
 world size. Left as None, the totals are those of the tensors passed in.
+
+Stats come back as detached tensors with their combining rule (`tgrl_lib.rl.stats`): loss contributions and
+token counts are `StepSum`s, every mean is a `TokenMean`; nothing is turned into a Python number here.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from tgrl_lib.errors import TgrlError
+from tgrl_lib.rl.stats import Stat, step_sum, token_mean
+
+AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+EXPERT_SHAPINGS = ("shaped", "plain")
 
 
 def accumulation_totals(response_mask: Tensor) -> dict[str, int]:
@@ -46,26 +51,25 @@ def accumulation_totals(response_mask: Tensor) -> dict[str, int]:
     return {"num_valid_tokens_total": int(mask.sum()), "num_sequences_total": int(mask.any(dim=1).sum())}
 
 
-def _token_mean(term: Tensor, mask: Tensor, *, num_valid_tokens_total: int, **_) -> Tensor:
-    return torch.where(mask, term, 0.0).sum() / max(num_valid_tokens_total, 1)
-
-
-def _seq_mean(term: Tensor, mask: Tensor, *, num_sequences_total: int, **_) -> Tensor:
-    lengths = mask.sum(dim=1).clamp(min=1)  # [B]  |o_b|
-    per_sequence = torch.where(mask, term, 0.0).sum(dim=1) / lengths  # [B]
-    return per_sequence.sum() / max(num_sequences_total, 1)
-
-
-def _constant(term: Tensor, mask: Tensor, *, num_sequences_total: int, max_response_len: int, **_) -> Tensor:
-    return torch.where(mask, term, 0.0).sum() / (max(num_sequences_total, 1) * max_response_len)
-
-
-# name -> (term [B, T], mask [B, T], *, num_valid_tokens_total, num_sequences_total, max_response_len)
-AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
-    "token_mean": _token_mean,
-    "seq_mean": _seq_mean,
-    "constant": _constant,
-}
+def aggregate(
+    term: Tensor,
+    mask: Tensor,
+    mode: str,
+    *,
+    num_valid_tokens_total: int,
+    num_sequences_total: int,
+    max_response_len: int | None = None,
+) -> Tensor:
+    """Per-token `term` [B, T] over valid tokens `mask` [B, T] -> the scalar loss contribution."""
+    term = torch.where(mask, term, 0.0)  # [B, T]
+    if mode == "token_mean":  # DAPO: every valid token counts once
+        return term.sum() / max(num_valid_tokens_total, 1)
+    if mode == "seq_mean":  # GRPO: each sequence's token mean, then the mean over sequences
+        lengths = mask.sum(dim=1).clamp(min=1)  # [B]  |o_b|
+        return (term.sum(dim=1) / lengths).sum() / max(num_sequences_total, 1)
+    if mode == "constant":  # Dr.GRPO: sum / (sequences * the response budget)
+        return term.sum() / (max(num_sequences_total, 1) * max_response_len)
+    raise TgrlError(f"losses: unknown aggregation {mode!r}", hint=f"use one of {list(AGGREGATIONS)}")
 
 
 def clipped_surrogate(
@@ -92,31 +96,21 @@ def clipped_surrogate(
     return torch.maximum(pg_loss1, pg_loss2), ratio, pg_loss2 > pg_loss1
 
 
-def _shaped(p: Tensor, gamma: float) -> Tensor:
-    return p / (p + gamma)  # LUFFY's f(p)
-
-
-def _plain(p: Tensor, gamma: float) -> Tensor:
-    return p  # importance ratio with the expert's probability taken as 1
-
-
-# name -> (p, gamma) -> the ratio that replaces pi/pi_old on expert tokens
-EXPERT_SHAPINGS: dict[str, Callable[[Tensor, float], Tensor]] = {"shaped": _shaped, "plain": _plain}
-# name -> (f(p), p) -> d f(p) / d logp, the weight on the expert token's score function (a statistic)
-_SHAPING_GRAD_WEIGHTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "shaped": lambda f, p: f * (1.0 - f),  # = gamma*p / (p+gamma)^2
-    "plain": lambda f, p: p,
-}
-
-
 def expert_surrogate(
     logprobs: Tensor, advantages: Tensor, *, shaping: str = "shaped", gamma: float = 0.1
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Expert-token loss ``-A * f(p)``, no clip. Returns ``(loss [B, T], p [B, T], f(p) [B, T])``."""
     _choice("expert_shaping", shaping, EXPERT_SHAPINGS)
     p = torch.exp(logprobs)  # [B, T]  policy prob of the expert's token
-    shaped = EXPERT_SHAPINGS[shaping](p, gamma)  # [B, T]
+    # LUFFY's f(p) = p / (p + gamma), or plain importance sampling with the expert's probability taken as 1
+    shaped = p / (p + gamma) if shaping == "shaped" else p  # [B, T]
     return -advantages[:, None] * shaped, p, shaped
+
+
+def shaping_grad_weight(shaped: Tensor, p: Tensor, shaping: str) -> Tensor:
+    """d f(p) / d logp, the weight on an expert token's score function (a statistic): for the shaped
+    ratio f(1 - f) = gamma*p / (p+gamma)^2, for the plain one p."""
+    return shaped * (1.0 - shaped) if shaping == "shaped" else p
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -139,25 +133,19 @@ def _check_shapes(logprobs: Tensor, per_token: dict, per_sequence: dict) -> None
             )
 
 
-def _choice(what: str, value: str, options: dict) -> None:
+def _choice(what: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         raise TgrlError(f"losses: unknown {what} {value!r}", hint=f"use one of {list(options)}")
-
-
-def _mean(x: Tensor, mask: Tensor) -> float:
-    """Mean of x over mask as a float; 0.0 for an empty mask (read it together with tokens/*)."""
-    n = int(mask.sum())
-    return float(torch.where(mask, x.detach(), 0.0).sum() / n) if n else 0.0
 
 
 class TGRLLoss(nn.Module):
     """Mixed-group TGRL policy loss; with no expert rows and unit weights it is GRPO/DAPO.
 
     Construct with the switches of DESIGN.md §4; call with per-token tensors; returns ``(loss, stats)``,
-    stats being floats: loss/{total,policy,expert,kl,entropy_bonus} (contributions to the loss),
-    policy/{ratio_mean,clipfrac,clipfrac_low,clipfrac_high}, expert/{shaped_weight_mean,grad_weight_mean,
-    prob_mean}, tokens/{policy,expert}; kl/mean if ref_logprobs given; {policy,expert}/entropy if entropy
-    given. Means over an empty token set are 0.0 (read them with tokens/*).
+    stats being detached tensors with their rule (`tgrl_lib.rl.stats`): StepSums loss/{total,policy,expert,
+    kl,entropy_bonus} (contributions to the loss) and tokens/{policy,expert}; TokenMeans policy/{ratio_mean,
+    clipfrac,clipfrac_low,clipfrac_high}, expert/{shaped_weight_mean,grad_weight_mean,prob_mean}; kl/mean if
+    ref_logprobs given; {policy,expert}/entropy if entropy given.
     """
 
     def __init__(
@@ -200,7 +188,7 @@ class TGRLLoss(nn.Module):
         entropy: Tensor | None = None,
         num_valid_tokens_total: int | None = None,
         num_sequences_total: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Stat]]:
         """Loss for one (micro-)batch of B sequences with T response positions.
 
         logprobs [B, T] (current policy, with grad), old_logprobs [B, T] (behaviour policy; ignored on
@@ -226,13 +214,13 @@ class TGRLLoss(nn.Module):
         # expert rows and padding get old = ref = logp (ratio 1): what old/ref hold there cannot leak NaN
         old = torch.where(policy_tok, old_logprobs.detach().float(), logp.detach())  # [B, T]
         given = {"num_valid_tokens_total": num_valid_tokens_total, "num_sequences_total": num_sequences_total}
-        totals = accumulation_totals(mask) | {k: v for k, v in given.items() if v is not None}
+        if None in given.values():  # counting here syncs with the device: the update passes both
+            given = accumulation_totals(mask) | {k: v for k, v in given.items() if v is not None}
+        totals = given
 
-        def aggregate(term: Tensor, where: Tensor) -> Tensor:  # [B, T] -> scalar, zero outside `where`
+        def over(term: Tensor, where: Tensor) -> Tensor:  # [B, T] -> scalar, zero outside `where`
             term = torch.where(where, term, 0.0)
-            return AGGREGATIONS[self.aggregation](
-                term, mask, max_response_len=self.max_response_len, **totals
-            )
+            return aggregate(term, mask, self.aggregation, max_response_len=self.max_response_len, **totals)
 
         pg_loss, ratio, clipped = clipped_surrogate(
             logp, old, adv, clip_low=self.clip_low, clip_high=self.clip_high, clip=self.clip
@@ -240,39 +228,39 @@ class TGRLLoss(nn.Module):
         expert_loss, p, shaped = expert_surrogate(
             logp, adv, shaping=self.expert_shaping, gamma=self.shaping_gamma
         )
-        terms = {"policy": aggregate(w * pg_loss, policy_tok)}  # each term: its contribution to the loss
-        terms["expert"] = aggregate(w * expert_loss, expert_tok)
+        terms = {"policy": over(w * pg_loss, policy_tok)}  # each term: its contribution to the loss
+        terms["expert"] = over(w * expert_loss, expert_tok)
         terms["kl"] = terms["entropy_bonus"] = torch.zeros_like(terms["policy"])
-        stats: dict[str, float] = {}
+        stats: dict[str, Stat] = {}
         if ref_logprobs is not None:
             kl = k3_kl(logp, torch.where(policy_tok, ref_logprobs.detach().float(), logp.detach()))  # [B, T]
-            stats["kl/mean"] = _mean(kl, policy_tok)
+            stats["kl/mean"] = token_mean(kl, policy_tok)
             if self.kl_coef > 0:
-                terms["kl"] = self.kl_coef * aggregate(kl, policy_tok)
+                terms["kl"] = self.kl_coef * over(kl, policy_tok)
         if entropy is not None:
             entropy = torch.where(mask, entropy.float(), 0.0)  # [B, T]
-            stats["policy/entropy"] = _mean(entropy, policy_tok)
-            stats["expert/entropy"] = _mean(entropy, expert_tok)
+            stats["policy/entropy"] = token_mean(entropy, policy_tok)
+            stats["expert/entropy"] = token_mean(entropy, expert_tok)
             if self.entropy_coef > 0:
-                terms["entropy_bonus"] = self.entropy_coef * aggregate(entropy, mask)
+                terms["entropy_bonus"] = self.entropy_coef * over(entropy, mask)
         loss = terms["policy"] + terms["expert"] + terms["kl"] - terms["entropy_bonus"]
-        stats["loss/total"] = float(loss.detach())
-        stats.update({f"loss/{name}": float(term.detach()) for name, term in terms.items()})
+        stats["loss/total"] = step_sum(loss)
+        stats.update({f"loss/{name}": step_sum(term) for name, term in terms.items()})
         stats.update(self._token_stats(ratio, clipped, p, shaped, policy_tok, expert_tok))
         return loss, stats
 
-    def _token_stats(self, ratio, clipped, p, shaped, policy_tok, expert_tok) -> dict[str, float]:
-        grad_weight = _SHAPING_GRAD_WEIGHTS[self.expert_shaping](shaped, p)  # [B, T]  d f(p) / d logp
+    def _token_stats(self, ratio, clipped, p, shaped, policy_tok, expert_tok) -> dict[str, Stat]:
+        grad_weight = shaping_grad_weight(shaped, p, self.expert_shaping)  # [B, T]  d f(p) / d logp
         return {
-            "policy/ratio_mean": _mean(ratio, policy_tok),
-            "policy/clipfrac": _mean(clipped.float(), policy_tok),
-            "policy/clipfrac_low": _mean((clipped & (ratio < 1)).float(), policy_tok),
-            "policy/clipfrac_high": _mean((clipped & (ratio > 1)).float(), policy_tok),
-            "expert/shaped_weight_mean": _mean(shaped, expert_tok),
-            "expert/grad_weight_mean": _mean(grad_weight, expert_tok),
-            "expert/prob_mean": _mean(p, expert_tok),
-            "tokens/policy": float(policy_tok.sum()),
-            "tokens/expert": float(expert_tok.sum()),
+            "policy/ratio_mean": token_mean(ratio, policy_tok),
+            "policy/clipfrac": token_mean(clipped.float(), policy_tok),
+            "policy/clipfrac_low": token_mean((clipped & (ratio < 1)).float(), policy_tok),
+            "policy/clipfrac_high": token_mean((clipped & (ratio > 1)).float(), policy_tok),
+            "expert/shaped_weight_mean": token_mean(shaped, expert_tok),
+            "expert/grad_weight_mean": token_mean(grad_weight, expert_tok),
+            "expert/prob_mean": token_mean(p, expert_tok),
+            "tokens/policy": step_sum(policy_tok.sum()),
+            "tokens/expert": step_sum(expert_tok.sum()),
         }
 
 
@@ -282,7 +270,7 @@ def sft_loss(
     token_weights: Tensor | None = None,
     *,
     num_valid_tokens_total: int | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Stat]]:
     """Supervised fine-tuning on expert trajectories: weighted negative log-likelihood, token mean.
 
     ``loss = sum_t w_t * (-logp_t) / num_valid_tokens_total`` (default: the valid tokens passed in), so
@@ -292,6 +280,11 @@ def sft_loss(
     mask = response_mask.bool()  # [B, T]
     nll = -torch.where(mask, logprobs.float(), 0.0)  # [B, T]
     w = torch.ones_like(nll) if token_weights is None else token_weights.detach().float()  # [B, T]
-    n = int(mask.sum())
-    loss = _token_mean(w * nll, mask, num_valid_tokens_total=num_valid_tokens_total or n)
-    return loss, {"loss/sft": float(loss.detach()), "sft/nll_mean": _mean(nll, mask), "tokens/sft": float(n)}
+    total = num_valid_tokens_total if num_valid_tokens_total is not None else int(mask.sum())
+    loss = aggregate(w * nll, mask, "token_mean", num_valid_tokens_total=total, num_sequences_total=0)
+    stats = {
+        "loss/sft": step_sum(loss),
+        "sft/nll_mean": token_mean(nll, mask),
+        "tokens/sft": step_sum(mask.sum()),
+    }
+    return loss, stats

@@ -405,21 +405,22 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
 def _likelihood(run: Run) -> Callable | None:
     """The in-loop policy-likelihood score of expert trajectories, or None when the filter is off."""
-    from tgrl_lib.rl.update import mean_logprobs
+    from tgrl_lib.models.logprobs import mean_logprobs
 
     if run.config.in_loop_filter.min_logprob is None:
         return None
 
     def score_experts(groups: list[Group], trajectories: list[Any]) -> list[float]:
-        return mean_logprobs(
+        means, _ = mean_logprobs(
             run.policy,
             run.processor,
             [g.prompt for g in groups],
             [g.image for g in groups],
             [t.text for t in trajectories],
-            micro_batch_size=run.config.micro_batch_size,
+            batch_size=run.config.micro_batch_size,
             max_response_tokens=run.max_response_tokens,
         )
+        return means
 
     return score_experts
 

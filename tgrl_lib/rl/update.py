@@ -29,6 +29,7 @@ from tgrl_lib.models.collate import SequenceBatch, collate_sequences
 from tgrl_lib.models.logprobs import response_logprobs, shared_prefix_logprobs
 from tgrl_lib.rl.losses import TGRLLoss, accumulation_totals, sft_loss
 from tgrl_lib.rl.rollout import Group, derived_seed
+from tgrl_lib.rl.stats import Stat, StatsMeter
 from tgrl_lib.rl.weighting import compute_token_weights, selected_tokens, weight_stats
 
 
@@ -110,23 +111,6 @@ def batched_logprobs(
     return logprobs, entropy
 
 
-def mean_logprobs(
-    model: Any,
-    processor: Any,
-    prompts: Sequence[str],
-    images: Sequence[Any],
-    texts: Sequence[str],
-    *,
-    micro_batch_size: int,
-    max_response_tokens: int,
-) -> list[float]:
-    """Mean token log-prob of each text under `model` (the in-loop policy-likelihood filter's score)."""
-    seq = collate_sequences(processor, list(prompts), list(images), list(texts), max_response_tokens)
-    logprobs, _ = batched_logprobs(model, seq, micro_batch_size)  # [B, T]
-    mask = seq.response_mask.float()  # [B, T]
-    return ((logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
-
-
 def is_off_policy(config: TrainConfig, batch_size: int) -> bool:
     """Whether any optimizer step sees weights that differ from the ones that sampled its rows."""
     return config.ppo_epochs > 1 or batch_size > config.minibatch_size
@@ -194,7 +178,7 @@ class RLObjective:
 
     def __call__(
         self, logprobs: Tensor, entropy: Tensor | None, mb: TrainBatch, totals: dict[str, int]
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Stat]]:
         old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs  # [b, T]
         return self.loss(
             logprobs,
@@ -219,7 +203,7 @@ class SFTObjective:
 
     def __call__(
         self, logprobs: Tensor, entropy: Tensor | None, mb: TrainBatch, totals: dict[str, int]
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Stat]]:
         return sft_loss(
             logprobs,
             mb.seq.response_mask,
@@ -268,7 +252,7 @@ def policy_update(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            meter.end_optimizer_step(float(grad_norm))
+            meter.end_optimizer_step(grad_norm)
     return meter.summary()
 
 
@@ -294,51 +278,3 @@ def scoring_temperature(config: TrainConfig) -> float:
 def _tensors_to(mb: TrainBatch, device: Any) -> dict[str, Tensor | None]:
     names = ("advantages", "expert_mask", "old_logprobs", "ref_logprobs", "token_weights")
     return {n: None if getattr(mb, n) is None else getattr(mb, n).to(device) for n in names}
-
-
-# key prefix -> the token count its per-micro-batch means are weighted by
-_WEIGHTED_BY = {
-    "policy/": "tokens/policy",
-    "kl/": "tokens/policy",
-    "expert/": "tokens/expert",
-    "sft/": "tokens/sft",
-}
-_SUMMED = ("loss/", "tokens/")  # per optimizer step: summed over its micro-batches (they add up exactly)
-
-
-class StatsMeter:
-    """Combines micro-batch stats: losses and token counts summed per optimizer step then averaged over
-    steps; means weighted by their token counts; grad/norm mean and max over optimizer steps."""
-
-    def __init__(self) -> None:
-        self.step_sums: dict[str, float] = {}
-        self.per_step: list[dict[str, float]] = []
-        self.weighted: dict[str, list[float]] = {}  # key -> [sum of value*weight, sum of weight]
-        self.grad_norms: list[float] = []
-
-    def add_micro(self, stats: dict[str, float]) -> None:
-        for key, value in stats.items():
-            if key.startswith(_SUMMED):
-                self.step_sums[key] = self.step_sums.get(key, 0.0) + value
-                continue
-            weight_key = next((w for p, w in _WEIGHTED_BY.items() if key.startswith(p)), None)
-            weight = stats.get(weight_key, 1.0) if weight_key else 1.0
-            acc = self.weighted.setdefault(key, [0.0, 0.0])
-            acc[0] += value * weight
-            acc[1] += weight
-
-    def end_optimizer_step(self, grad_norm: float) -> None:
-        self.per_step.append(self.step_sums)
-        self.step_sums = {}
-        self.grad_norms.append(grad_norm)
-
-    def summary(self) -> dict[str, float]:
-        n = len(self.per_step)
-        if not n:
-            return {}
-        out = {k: sum(s.get(k, 0.0) for s in self.per_step) / n for k in self.per_step[0]}
-        out.update({k: (s / w if w else 0.0) for k, (s, w) in self.weighted.items()})
-        out["grad/norm"] = sum(self.grad_norms) / n
-        out["grad/norm_max"] = max(self.grad_norms)
-        out["update/optimizer_steps"] = float(n)
-        return out
