@@ -47,9 +47,3 @@ def compile_pipeline(name: str, path: Path | str, placement: Placement | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build(name, placement), str(path))
     return path
-
-
-def compile_all(out_dir: Path | str, placement: Placement | None = None) -> list[Path]:
-    """Compile every pipeline to `out_dir/<name>.yaml`; returns the paths in `PIPELINES` order."""
-    out_dir = Path(out_dir)
-    return [compile_pipeline(name, out_dir / f"{name}.yaml", placement) for name in PIPELINES]

@@ -7,12 +7,9 @@ logged, `scrub` removes the values of secret variables that are set from text.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
-
-from tgrl_lib.errors import TgrlError
 
 # ------------------------------------------------------------------------------ environment, secrets
 SECRET_MARKERS = (
@@ -65,9 +62,3 @@ def scrub(text: str) -> str:
 
 def default_tracking_uri(work_dir: str | Path = "runs") -> str:
     return read_env("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
-
-
-def require_finite(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise TgrlError(f"{what} must be finite, got {value}")
-    return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -44,15 +44,6 @@ def progress_bar(description: str, total: int | None):
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with progress_bar(description, total) as advance:
-        for item in items:
-            yield item
-            advance()
 
 
 TRAIN_SHOWN = ("reward/mean", "reward/accuracy", "loss/total", "loss/sft", "perf/step_time_s")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.rl.advantages import group_advantages, group_stats
+from tgrl_lib.rl.advantages import group_advantages
 
 
 def test_luffy_example_seven_failures_one_correct_expert():
@@ -79,26 +79,3 @@ def test_bad_inputs_raise_actionable_errors(rewards, kwargs, fragment):
     with pytest.raises(TgrlError) as info:
         group_advantages(rewards, **kwargs)
     assert fragment in str(info.value)
-
-
-def test_group_stats_fractions():
-    correct = torch.tensor(
-        [[True, True, True], [False, False, False], [True, False, True], [False, False, False]]
-    )
-    stats = group_stats(correct)
-    assert stats == {
-        "group/all_correct_frac": 0.25,
-        "group/all_wrong_frac": 0.5,
-        "group/mixed_frac": 0.25,
-    }
-    assert group_stats(correct.float()) == stats
-
-
-def test_group_stats_empty_and_bad_shape():
-    assert group_stats(torch.zeros(0, 8, dtype=torch.bool)) == {
-        "group/all_correct_frac": 0.0,
-        "group/all_wrong_frac": 0.0,
-        "group/mixed_frac": 0.0,
-    }
-    with pytest.raises(TgrlError, match=r"\[N, G\]"):
-        group_stats(torch.zeros(8, dtype=torch.bool))

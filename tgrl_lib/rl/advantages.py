@@ -79,24 +79,3 @@ def group_advantages(
         return rewards.clone()
     centred = rewards - rewards.mean(dim=1, keepdim=True)  # [N, G]  r - mean_group(r)
     return centred / ADVANTAGE_SCALES[scale](rewards, eps)  # [N, G]
-
-
-def group_stats(correct: Tensor) -> dict[str, float]:
-    """Share of groups that are all correct / all wrong / mixed; `correct` is ``[N, G]`` bool or 0/1.
-
-    All-correct and all-wrong groups carry no learning signal without an expert (every advantage is 0):
-    DAPO's dynamic sampling drops them; here they are reported so a run shows how many it had.
-    """
-    if correct.dim() != 2:
-        raise TgrlError(f"advantages: correct must be [N, G], got shape {tuple(correct.shape)}")
-    ok = correct.bool()  # [N, G]
-    n = ok.shape[0]
-    if n == 0 or ok.shape[1] == 0:
-        return {"group/all_correct_frac": 0.0, "group/all_wrong_frac": 0.0, "group/mixed_frac": 0.0}
-    all_correct = float(ok.all(dim=1).float().mean())
-    all_wrong = float((~ok).all(dim=1).float().mean())
-    return {
-        "group/all_correct_frac": all_correct,
-        "group/all_wrong_frac": all_wrong,
-        "group/mixed_frac": 1.0 - all_correct - all_wrong,
-    }

@@ -331,11 +331,6 @@ def fetch_dataset(uri: str, local: str | Path, *, options: StorageOptions | None
     return _fetch(uri, Path(local), MANIFEST, options)
 
 
-def fetch_checkpoint(uri: str, local: str | Path, *, options: StorageOptions | None = None) -> Path:
-    """Download a published checkpoint into `local`; refuses a prefix without `COMPLETE`."""
-    return _fetch(uri, Path(local), CHECKPOINT_MARKER, options)
-
-
 # ------------------------------------------------------------------------------ plain copies
 def upload_dir(local: str | Path, uri: str, *, options: StorageOptions | None = None) -> dict[str, str]:
     """Copy every file of `local` to `uri` as is (each with its sha256 as metadata). A dataset directory
