@@ -6,28 +6,15 @@ registered under its own name (default `<promote.model_name>-grpo`, set by `mode
 never competes with TGRL for the `champion` alias. Imports: stdlib and kfp only.
 """
 
-from typing import NamedTuple
-
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Model
-from tgrl_lib.kfp_components.evaluate import evaluate
-from tgrl_lib.kfp_components.export_champion import export_champion
 from tgrl_lib.kfp_components.init_model import init_model
 from tgrl_lib.kfp_components.prepare_data import prepare_data
-from tgrl_lib.kfp_components.register_and_promote import register_and_promote
 from tgrl_lib.kfp_components.train import train
 from tgrl_lib.kfp_pipelines.placement import Placement
+from tgrl_lib.kfp_pipelines.tail import TrainedOutputs, evaluate_and_gate
 
 NAME = "tgrl-grpo-baseline"
 BASELINE_SUFFIX = "-grpo"
-
-
-class BaselineOutputs(NamedTuple):
-    checkpoint: Model
-    report: HTML
-    eval_results: Artifact
-    registered: Model
-    promoted: bool
 
 
 def build_grpo_baseline_pipeline(placement: Placement | None = None):
@@ -41,7 +28,7 @@ def build_grpo_baseline_pipeline(placement: Placement | None = None):
     )
     def grpo_baseline_pipeline(
         config: str = "", base_model: str = default_base, model_name: str = ""
-    ) -> BaselineOutputs:
+    ) -> TrainedOutputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         data = placement.apply(prepare_data(config=config, pipeline_run_id=run_id), "prepare_data")
         policy = placement.apply(
@@ -57,42 +44,14 @@ def build_grpo_baseline_pipeline(placement: Placement | None = None):
             ),
             "train",
         )
-        scored = placement.apply(
-            evaluate(
-                config=config,
-                pipeline_run_id=run_id,
-                checkpoint=trained.outputs["checkpoint"],
-                problems=data.outputs["test_problems"],
-            ),
-            "evaluate",
-        )
-        gate = placement.apply(
-            register_and_promote(
-                config=config,
-                pipeline_run_id=run_id,
-                checkpoint=trained.outputs["checkpoint"],
-                eval_results=scored.outputs["results"],
-                model_name=model_name,
-                name_suffix=BASELINE_SUFFIX,
-            ),
-            "register_and_promote",
-        )
-        with dsl.If(gate.outputs["Output"] == True, name="promoted"):  # noqa: E712 (KFP builds a condition)
-            placement.apply(
-                export_champion(
-                    config=config,
-                    pipeline_run_id=run_id,
-                    checkpoint=trained.outputs["checkpoint"],
-                    registered=gate.outputs["registered"],
-                ),
-                "export_champion",
-            )
-        return BaselineOutputs(
+        return evaluate_and_gate(
+            placement,
+            config=config,
+            run_id=run_id,
             checkpoint=trained.outputs["checkpoint"],
-            report=scored.outputs["report"],
-            eval_results=scored.outputs["results"],
-            registered=gate.outputs["registered"],
-            promoted=gate.outputs["Output"],
+            test_problems=data.outputs["test_problems"],
+            model_name=model_name,
+            name_suffix=BASELINE_SUFFIX,
         )
 
     return grpo_baseline_pipeline
