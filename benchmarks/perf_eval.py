@@ -42,7 +42,7 @@ def naive_eval(policy, backend, dataset, config) -> list:
             out = policy.model.generate(
                 **inputs,
                 do_sample=False,
-                max_new_tokens=config.max_new_tokens,
+                max_new_tokens=config.sampling.max_new_tokens,
                 eos_token_id=backend.stop_ids,
                 pad_token_id=backend.tokenizer.pad_token_id,
                 suppress_tokens=backend.suppressed or None,
@@ -58,12 +58,16 @@ def naive_eval(policy, backend, dataset, config) -> list:
 def batched_eval(backend, dataset, config) -> list:
     from tgrl_lib.evaluation.run import generate_benchmark
 
-    backend.batch_size = config.batch_size
+    backend.batch_size = config.sampling.batch_size
     return generate_benchmark(backend, dataset, config)
 
 
+def _with_batch_size(config, size: int):
+    return config.model_copy(update={"sampling": config.sampling.model_copy(update={"batch_size": size})})
+
+
 def run(args: argparse.Namespace) -> dict:
-    from tgrl_lib.config import EvalConfig
+    from tgrl_lib.config import EvalConfig, SamplingConfig
     from tgrl_lib.data.schema import load_dataset
     from tgrl_lib.data.synthetic import synthesize
     from tgrl_lib.evaluation.run import evaluate
@@ -79,10 +83,12 @@ def run(args: argparse.Namespace) -> dict:
         dataset = load_dataset(root / "test", "problems")
         policy = load_policy(model)
         backend = HFBackend(policy.model, policy.processor)
-        base = EvalConfig(max_new_tokens=args.max_new_tokens, limit=args.problems)
+        base = EvalConfig(
+            sampling=SamplingConfig(temperature=0.0, max_new_tokens=args.max_new_tokens), limit=args.problems
+        )
         variants = {"naive": lambda: naive_eval(policy, backend, dataset, base)}
         for size in sizes:
-            config = base.model_copy(update={"batch_size": size})
+            config = _with_batch_size(base, size)
             variants[f"batch {size}"] = lambda c=config: batched_eval(backend, dataset, c)
         times: dict[str, list[float]] = {name: [] for name in variants}
         outputs: dict[str, list] = {}
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         texts = {n: [(s.samples[0].text, s.samples[0].length) for s in o] for n, o in outputs.items()}
         tokens = sum(length for _, length in texts["naive"])
         start = time.perf_counter()
-        evaluate(model, {"test": root / "test"}, base.model_copy(update={"batch_size": 32}), root / "out",
+        evaluate(model, {"test": root / "test"}, _with_batch_size(base, 32), root / "out",
                  backend=backend)  # fmt: skip
         end_to_end = time.perf_counter() - start
     return {

@@ -160,7 +160,8 @@ class Recipe:
 
 
 def load_recipe(path: Path, quick: bool) -> Recipe:
-    from tgrl_lib.config import PipelineConfig, deep_merge, read_yaml
+    from tgrl_lib.config import PipelineConfig
+    from tgrl_lib.recipe import deep_merge, read_yaml
 
     data = read_yaml(path)
     section = data.pop("reproduce")
@@ -239,7 +240,8 @@ def start_model(recipe: Recipe, work: Path, seed: int, paths: dict[str, Path]) -
 def stage_config(
     recipe: Recipe, stage: Stage, model: Path, out: Path, seed: int, steps: int, warm: bool = False
 ) -> Any:
-    from tgrl_lib.config import TrainConfig, deep_merge
+    from tgrl_lib.config import TrainConfig
+    from tgrl_lib.recipe import deep_merge
 
     base = recipe.pipeline.train.model_dump(mode="json")
     fixed = {

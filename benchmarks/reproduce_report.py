@@ -404,7 +404,7 @@ def write_report(
         f"keep them) {t.weighting.kind} on {t.weighting.apply_to} tokens, {t.weighting.normalise}-"
         f"normalised within [{t.weighting.w_min}, {t.weighting.w_max}]",
         "- evaluation: `tgrl_lib.evaluation.run.evaluate`, greedy, max "
-        f"{recipe.pipeline.eval.max_new_tokens} new "
+        f"{recipe.pipeline.eval.sampling.max_new_tokens} new "
         f"tokens, on the test split, after every {r.curve_every} updates and at the end",
         f"- seeds {r.seeds}: the seed sets the model init (and so the warm start), the rollout sampling and "
         "the data order; the dataset and the expert trajectories are the same for all seeds",

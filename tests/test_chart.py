@@ -32,7 +32,8 @@ from infra_tools import (
     run,
 )
 
-from tgrl_lib.config import PipelineConfig, load_config
+from tgrl_lib.config import PipelineConfig
+from tgrl_lib.recipe import load_config
 
 NAMESPACE = "ml"
 RELEASE = "tgrl"

@@ -35,7 +35,7 @@ def recipe(tmp_path) -> str:
     """A tiny recipe as YAML text, MLflow on a SQLite file in tmp_path."""
     text = {
         "data": {"n_train": N_TRAIN, "n_test": N_TEST, "seed": 3},
-        "generate": {"expert": "oracle", "fault_rate": 0.5},
+        "generate": {"backend": {"kind": "oracle"}, "fault_rate": 0.5},
         "tracking": {
             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "artifact_location": (tmp_path / "mlartifacts").as_uri(),

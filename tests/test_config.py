@@ -2,9 +2,10 @@
 
 import pytest
 
-from tgrl_lib.config import PipelineConfig, TrainConfig, flatten, load_config, parse_overrides
+from tgrl_lib.config import PipelineConfig, TrainConfig, flatten
 from tgrl_lib.env import redact, scrub
 from tgrl_lib.errors import TgrlError
+from tgrl_lib.recipe import load_config, parse_overrides
 
 
 def test_overrides_are_typed_and_nested():
@@ -79,7 +80,7 @@ def test_flatten_default_pipeline_config():
     "pair",
     [
         "tracking.tracking_uri=http://bob:hunter22@mlflow:5000",
-        "generate.base_url=https://key:sk-abcdef@api.example.com/v1",
+        "generate.backend.openai.base_url=https://key:sk-abcdef@api.example.com/v1",
         "tracking.artifact_location=s3://AKIAXX:secretkey@bucket/mlflow",
     ],
 )
@@ -94,12 +95,17 @@ def test_urls_with_passwords_are_refused(pair):
 def test_urls_without_passwords_load():
     cfg = load_config(
         None,
-        overrides=["generate.base_url=http://user@host:8000/v1", "tracking.tracking_uri=http://mlflow:5000"],
+        overrides=[
+            "generate.backend.openai.base_url=http://user@host:8000/v1",
+            "tracking.tracking_uri=http://mlflow:5000",
+        ],
     )
-    assert cfg.generate.base_url == "http://user@host:8000/v1"
+    assert cfg.generate.backend.openai.base_url == "http://user@host:8000/v1"
 
 
 def test_train_temperature_must_be_positive():
-    with pytest.raises(TgrlError, match=r"train\.temperature"):
-        load_config(None, overrides=["train.temperature=0"])  # greedy rollouts: every group one answer
-    assert load_config(None, overrides=["train.temperature=0.7"]).train.temperature == 0.7
+    with pytest.raises(TgrlError, match=r"train\.sampling\.temperature"):
+        load_config(
+            None, overrides=["train.sampling.temperature=0"]
+        )  # greedy rollouts: every group one answer
+    assert load_config(None, overrides=["train.sampling.temperature=0.7"]).train.sampling.temperature == 0.7

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tgrl_lib.config import PipelineConfig, TrainConfig, load_config, read_yaml
+from tgrl_lib.config import PipelineConfig, TrainConfig
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.rl.trainer import load_train_config
+from tgrl_lib.recipe import load_config, read_yaml
+
+
+def load_train_config(path, overrides=None):
+    """What `tgrl train --config PATH --set ...` loads."""
+    return load_config(path, TrainConfig, overrides, section="train")
+
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -33,15 +39,15 @@ def test_recipe_validates(path):
 def test_gpu_recipes_use_vllm_bf16_and_realistic_rl_settings(name):
     config = load_config(next(p for p in CONFIGS if p.name == name))
     train = config.train
-    assert (train.rollout_backend, train.mixed_precision, config.eval.backend) == ("vllm", "bf16", "vllm")
-    assert train.lr == pytest.approx(1e-6) and train.group_size == 8 and train.max_new_tokens == 1024
+    assert (train.backend.kind, train.mixed_precision, config.eval.backend.kind) == ("vllm", "bf16", "vllm")
+    assert train.lr == pytest.approx(1e-6) and train.group_size == 8 and train.sampling.max_new_tokens == 1024
     assert train.algorithm == "tgrl" and 0 < train.mixing.n_expert < train.group_size
 
 
 def test_tiny_recipe_runs_on_cpu_without_downloads():
     config = load_config(next(p for p in CONFIGS if p.name == "tiny-cpu.yaml"))
-    assert config.train.rollout_backend == "hf" and config.train.mixed_precision == "no"
-    assert config.generate.expert == "oracle" and "://" not in config.train.model
+    assert config.train.backend.kind == "hf" and config.train.mixed_precision == "no"
+    assert config.generate.backend.kind == "oracle" and "://" not in config.train.model
 
 
 def test_train_overrides_accept_both_spellings(tmp_path):

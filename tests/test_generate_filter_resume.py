@@ -69,7 +69,9 @@ def test_generate_survives_sigkill_at_random_points(problems, tmp_path):
     K, total = 2, 240
     options = ["--samples", str(K), "--fault-rate", "0.3", "--batch-size", "4", "--set", "throttle_s=0.03"]
     baseline = generate_trajectories(
-        problems, tmp_path / "base", GenerateConfig(samples_per_problem=K, fault_rate=0.3, batch_size=4)
+        problems,
+        tmp_path / "base",
+        GenerateConfig(samples_per_problem=K, fault_rate=0.3, sampling={"batch_size": 4}),
     )
     expected = sorted(
         (t.problem_id, t.meta["sample"], t.text) for t in load_dataset(tmp_path / "base").records

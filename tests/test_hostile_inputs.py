@@ -409,7 +409,7 @@ def test_eval_with_an_undecodable_image_names_the_file(problems, tiny_model_dir,
     first_image(root).write_text("not an image")
     rehash(root)
     code, _, err = tgrl(capsys, "eval", "--model", tiny_model_dir, "--out", tmp_path / "r", "--benchmark",
-                        f"x={root}", "--set", "max_new_tokens=2")  # fmt: skip
+                        f"x={root}", "--set", "sampling.max_new_tokens=2")  # fmt: skip
     one_line_error(code, err, str(first_image(root)), "not a readable image")
 
 
@@ -417,7 +417,7 @@ def test_eval_never_drops_a_bad_benchmark_row_silently(problems, tiny_model_dir,
     """A benchmark with a bad row is refused (a score over part of it would not compare with others)."""
     root = copy_with_lines(problems, tmp_path / "b", {2: row(problems, 2)[:40]})
     code, _, err = tgrl(capsys, "eval", "--model", tiny_model_dir, "--out", tmp_path / "r",
-                        "--benchmark", f"x={root}", "--set", "max_new_tokens=2")  # fmt: skip
+                        "--benchmark", f"x={root}", "--set", "sampling.max_new_tokens=2")  # fmt: skip
     one_line_error(code, err, str(root), f"{RECORDS}:2: invalid JSON")
     assert not (tmp_path / "r" / "results.json").exists()
 
@@ -519,8 +519,9 @@ def test_resume_never_runs_code_from_a_checkpoint(problems, tiny_model_dir, tmp_
     pickle's payload never runs (optimizer state is read with torch.load(weights_only=True) only)."""
     import torch
 
+    from tgrl_lib.config import TrainConfig
+    from tgrl_lib.recipe import load_config
     from tgrl_lib.rl.checkpoint import COMPLETE, STATE
-    from tgrl_lib.rl.trainer import load_train_config
 
     out, marker = tmp_path / "run", tmp_path / "PWNED"
     overrides = [f"model={tiny_model_dir}", "algorithm=grpo", f"output_dir={out}", "steps=3"]
@@ -528,7 +529,7 @@ def test_resume_never_runs_code_from_a_checkpoint(problems, tiny_model_dir, tmp_
     shutil.copytree(tiny_model_dir, ckpt)
     for part in ("optimizer", "scheduler", "rng"):
         torch.save({}, ckpt / f"{part}.pt")
-    config = load_train_config(None, overrides).model_dump(mode="json")
+    config = load_config(None, TrainConfig, overrides, section="train").model_dump(mode="json")
     (ckpt / STATE).write_text(json.dumps({"step": 1, "cursor": {}, "config": config}))
     (ckpt / COMPLETE).write_text("step 1\n")
     if damage == "runs_code":
@@ -563,7 +564,7 @@ def test_remote_code_in_a_model_directory_runs_only_when_a_config_enables_it(
     marker = tmp_path / "PWNED"
     model = _model_with_remote_code(tiny_model_dir, tmp_path, marker)
     code, _, err = tgrl(capsys, "eval", "--model", model, "--out", tmp_path / "r", "--benchmark",
-                        f"x={problems}", "--set", "max_new_tokens=2", "--limit", "1")  # fmt: skip
+                        f"x={problems}", "--set", "sampling.max_new_tokens=2", "--limit", "1")  # fmt: skip
     assert code == 0, err  # evaluated with the built-in class; the repo's own code ignored
     from tgrl_lib.models.policy import load_policy
 
@@ -604,7 +605,9 @@ def test_no_library_code_can_unpickle_or_hard_enable_remote_code():
                 problems.append(f"{where} with trust_remote_code=True")
     assert SOURCES and not problems, problems
     recipe = PipelineConfig()
-    assert recipe.generate.trust_remote_code is False and recipe.train.trust_remote_code is False
+    assert (
+        recipe.generate.backend.trust_remote_code is False and recipe.train.backend.trust_remote_code is False
+    )
 
 
 # =========================================================================================== counts

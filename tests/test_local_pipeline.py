@@ -20,8 +20,8 @@ SMALL = [
     "train.group_size=2",
     "train.minibatch_size=4",
     "train.micro_batch_size=4",
-    "train.max_new_tokens=16",
-    "eval.max_new_tokens=16",
+    "train.sampling.max_new_tokens=16",
+    "eval.sampling.max_new_tokens=16",
     "eval.limit=8",
     "tracking.system_metrics=false",
 ]
@@ -76,7 +76,7 @@ def test_local_pipeline_registers_a_version_and_writes_the_report(tmp_path, caps
 
 
 def mlflow_experiment(registered: dict) -> str:
-    from tgrl_lib.config import load_config
+    from tgrl_lib.recipe import load_config
 
     config = REPO / "configs" / "tiny-cpu.yaml"
     return load_config(config if config.is_file() else None).tracking.experiment

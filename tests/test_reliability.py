@@ -54,7 +54,8 @@ def _config(tiny_model_dir: Path, path: Path) -> Path:
     expert rotation, visual-dependency weights; a checkpoint after every step, two kept."""
     train = {
         "algorithm": "tgrl", "model": str(tiny_model_dir), "steps": STEPS, "problems_per_step": 2,
-        "group_size": 3, "ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2, "max_new_tokens": 10,
+        "group_size": 3, "ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2,
+        "sampling": {"max_new_tokens": 10},
         "lr": 1e-2, "checkpoint_every": 1, "keep_checkpoints": 2,
         "in_loop_filter": {"max_tokens": 64, "min_logprob": -50.0},
     }  # fmt: skip

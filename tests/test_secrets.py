@@ -40,7 +40,8 @@ from tgrl_lib.errors import TgrlError
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [  # as tests/test_local_pipeline.py, smaller where the run allows
     "data.n_train=8", "data.n_test=4", "train.steps=1", "train.problems_per_step=2", "train.group_size=2",
-    "train.minibatch_size=4", "train.micro_batch_size=4", "train.max_new_tokens=8", "eval.max_new_tokens=8",
+    "train.minibatch_size=4", "train.micro_batch_size=4", "train.sampling.max_new_tokens=8",
+    "eval.sampling.max_new_tokens=8",
     "eval.limit=4", "tracking.system_metrics=false",
 ]  # fmt: skip
 SECRETS = {

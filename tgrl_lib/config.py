@@ -8,13 +8,9 @@ A recipe (`configs/*.yaml`) has one section per step; each section is validated 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from tgrl_lib.errors import TgrlError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # scheme://user:password@host: a recipe travels as a pipeline parameter and KFP prints it in step logs.
 _URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
@@ -22,6 +18,19 @@ _URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
 
 class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _step_defaults(cls, data: Any) -> Any:
+        """A shared sub-model given in part (`sampling: {max_new_tokens: 48}`) keeps this step's defaults
+        for the rest (`step_field`), not the sub-model's own."""
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and "step_defaults" in extra and isinstance(data.get(name), dict):
+                data = {**data, name: {**extra["step_defaults"], **data[name]}}
+        return data
 
     @model_validator(mode="after")
     def _no_password_in_urls(self) -> StepConfig:
@@ -32,9 +41,6 @@ class StepConfig(BaseModel):
                     "the environment (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_*, the api_key_env variable)"
                 )
         return self
-
-
-T = TypeVar("T", bound=StepConfig)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -49,29 +55,108 @@ class DataConfig(StepConfig):
     )
 
 
-# ----------------------------------------------------------------------------------------- generate
-class GenerateConfig(StepConfig):
-    expert: Literal["oracle", "hf", "vllm", "openai"] = Field("oracle", description="Expert backend.")
-    model: str | None = Field(None, description="Model path/URI (hf, vllm) or served model name (openai).")
-    samples_per_problem: int = Field(1, ge=1, description="K responses per problem.")
-    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling.")
-    max_new_tokens: int = Field(256, ge=1, description="Response budget in tokens.")
-    batch_size: int = Field(16, ge=1, description="Problems per generation batch (hf/vllm).")
-    seed: int = Field(0, description="Sampling seed.")
-    base_url: str | None = Field(None, description="OpenAI-compatible server root, e.g. http://host:8000/v1.")
+# ------------------------------------------------------------------------------ sampling, backends
+MAX_NEW_TOKENS = 32768  # no response budget above this (a typo like 1e8 would otherwise run on)
+MIN_TEMPERATURE = 0.01  # below this logits / T overflows; 0 itself means greedy
+
+
+class SamplingConfig(StepConfig):
+    """How responses are sampled, the same fields for generate, train (rollouts) and eval."""
+
+    temperature: float = Field(
+        1.0,
+        ge=0.0,
+        le=10.0,
+        description="0 = greedy, else pure temperature sampling (no top-k/top-p) at this temperature.",
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, le=MAX_NEW_TOKENS, strict=True, description="Response budget in tokens."
+    )
+    batch_size: int = Field(16, ge=1, le=4096, strict=True, description="Prompts per generate call.")
+
+    @model_validator(mode="after")
+    def _temperature_usable(self) -> SamplingConfig:
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}"
+            )
+        return self
+
+
+class VllmConfig(StepConfig):
+    """vLLM engine settings (GPU only)."""
+
+    gpu_memory_utilization: float = Field(
+        0.4, gt=0.0, le=1.0, description="GPU memory share of the vLLM engine (colocated with training)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="vLLM context length (prompt + response); None = the model's."
+    )
+
+
+class OpenAIConfig(StepConfig):
+    """An OpenAI-compatible chat-completions server (vLLM serve, `tgrl serve`, a hosted API)."""
+
+    base_url: str | None = Field(None, description="Server root, e.g. http://host:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Name of the env var holding the API key.")
-    concurrency: int = Field(8, ge=1, description="Concurrent requests (openai).")
-    max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts (openai).")
-    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds (openai).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling, sent with each request.")
+    concurrency: int = Field(8, ge=1, le=1024, description="Concurrent requests.")
+    max_retries: int = Field(5, ge=0, le=100, description="Retries on 429/5xx/timeouts.")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="Per-request timeout in seconds.")
     backoff_s: float = Field(
-        1.0, ge=0.0, description="First retry waits up to this long (openai; doubles per retry, full jitter)."
+        1.0, ge=0.0, le=600, description="First retry waits up to this long (doubles per retry, full jitter)."
     )
     max_backoff_s: float = Field(
-        30.0, ge=0.0, description="Longest wait between retries, Retry-After included (openai)."
+        30.0, ge=0.0, le=3600, description="Longest wait between retries, Retry-After included."
     )
+
+
+class BackendConfig(StepConfig):
+    """Which engine generates, and its settings: one spec for generate, train and eval
+    (`tgrl_lib.generation.factory.make_backend` builds it)."""
+
+    kind: Literal["oracle", "hf", "vllm", "openai"] = Field(
+        "hf", description="oracle (synthetic data only), hf (transformers), vllm (GPU) or openai (a server)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="vllm settings.")
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="openai settings.")
+
+
+def step_field(model: type[StepConfig], description: str, **defaults: Any) -> Any:
+    """A sub-model field whose defaults are this step's: used whole when absent, and under the values
+    given when given in part."""
+    return Field(
+        default_factory=lambda: model(**defaults),
+        description=description,
+        json_schema_extra={"step_defaults": defaults},
+    )
+
+
+def _model_backend(backend: BackendConfig, step: str) -> None:
+    """Train and eval score their own model's tokens: only an engine that runs the model will do."""
+    if backend.kind not in ("hf", "vllm"):
+        raise ValueError(f"{step}.backend.kind must be hf or vllm (it runs the model), got {backend.kind!r}")
+
+
+# ----------------------------------------------------------------------------------------- generate
+class GenerateConfig(StepConfig):
+    backend: BackendConfig = step_field(BackendConfig, "The expert's engine.", kind="oracle")
+    model: str | None = Field(None, description="Model path/URI (hf, vllm) or served model name (openai).")
+    sampling: SamplingConfig = step_field(
+        SamplingConfig,
+        "Sampling of the expert's responses.",
+        temperature=0.7,
+        max_new_tokens=256,
+        batch_size=16,
+    )
+    samples_per_problem: int = Field(1, ge=1, le=1024, strict=True, description="K responses per problem.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Sampling seed.")
     throttle_s: float = Field(
-        0.0, ge=0.0, description="Sleep after each batch (crash-safety tests, rate limits; normally 0)."
+        0.0,
+        ge=0.0,
+        le=60.0,
+        description="Sleep after each batch (crash-safety tests, rate limits; normally 0).",
     )
     fault_rate: float = Field(
         0.0, ge=0.0, le=1.0, description="Oracle only: fraction of trajectories with an injected fault."
@@ -80,7 +165,6 @@ class GenerateConfig(StepConfig):
         default_factory=lambda: ["wrong_fact", "wrong_arithmetic", "bad_format", "repetition"],
         description="Oracle only: fault kinds to inject.",
     )
-    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
 
 
 # ------------------------------------------------------------------------------------------- filter
@@ -173,25 +257,30 @@ class TrainConfig(StepConfig):
     algorithm: Literal["sft", "grpo", "tgrl"] = Field("tgrl", description="sft, grpo or tgrl; one loop.")
     model: str = Field("runs/tiny-model", description="Initial policy: path or s3:// URI.")
     output_dir: str = Field("runs/train", description="Checkpoints and metrics go here.")
-    seed: int = Field(0, description="Seed for sampling, data order and init.")
-    steps: int = Field(40, ge=1, description="Optimizer steps.")
-    problems_per_step: int = Field(8, ge=1, description="Problems sampled per step.")
-    group_size: int = Field(8, ge=1, description="G: responses per problem.")
-    ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
-    minibatch_size: int = Field(64, ge=1, description="Sequences per optimizer step within an epoch.")
-    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward pass (grad accumulation).")
-    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping.")
-    temperature: float = Field(
-        1.0,
-        gt=0.0,
-        description="Rollout temperature (pure temperature sampling, no top-k/top-p). The RL loss, old, "
-        "reference and visual-dependency log-probs score tokens at the same temperature (logits / T), so "
-        "the ratio is taken under the distribution the samples came from; SFT scores at 1.",
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed for sampling, data order and init.")
+    steps: int = Field(40, ge=1, le=10**7, strict=True, description="Optimizer steps.")
+    problems_per_step: int = Field(8, ge=1, le=65536, strict=True, description="Problems sampled per step.")
+    group_size: int = Field(8, ge=1, le=1024, strict=True, description="G: responses per problem.")
+    ppo_epochs: int = Field(1, ge=1, le=100, strict=True, description="Passes over each rollout batch.")
+    minibatch_size: int = Field(
+        64, ge=1, strict=True, description="Sequences per optimizer step within an epoch."
     )
-    max_new_tokens: int = Field(64, ge=1, description="Rollout budget in tokens.")
+    micro_batch_size: int = Field(
+        16, ge=1, strict=True, description="Sequences per forward pass (grad accumulation)."
+    )
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, strict=True, description="Linear warm-up steps.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping (a huge value: none).")
+    sampling: SamplingConfig = step_field(
+        SamplingConfig,
+        "Rollout sampling. The RL loss, old, reference and visual-dependency log-probs score tokens at the "
+        "same temperature (logits / T), so the ratio is taken under the distribution the samples came from; "
+        "SFT scores at 1.",
+        temperature=1.0,
+        max_new_tokens=64,
+        batch_size=64,
+    )
     advantage_scale: Literal["none", "group", "batch"] = Field(
         "none", description="Divide advantages by the std of the group/batch, or not (LUFFY)."
     )
@@ -200,31 +289,49 @@ class TrainConfig(StepConfig):
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
     in_loop_filter: InLoopFilterConfig = Field(default_factory=InLoopFilterConfig)
-    rollout_backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend for rollouts.")
-    rollout_batch_size: int = Field(64, ge=1, description="Prompts per generate call (hf backend).")
-    vllm_gpu_memory_utilization: float = Field(
-        0.4, gt=0.0, le=1.0, description="GPU memory share of the colocated vLLM engine (rollouts)."
-    )
-    vllm_max_model_len: int | None = Field(
-        None, ge=1, description="vLLM context length (prompt + response); None = the model's."
+    backend: BackendConfig = Field(
+        default_factory=BackendConfig,
+        description="Rollout engine (hf or vllm); its trust_remote_code also governs loading the policy.",
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
-    checkpoint_every: int = Field(20, ge=1, description="Checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    checkpoint_every: int = Field(
+        20, ge=1, strict=True, description="Checkpoint every N steps (and at the end)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, strict=True, description="Newest checkpoints kept.")
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest checkpoint.")
     format_reward: float = Field(0.1, ge=0.0, description="Reward added for a well-formed response.")
-    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        _model_backend(self.backend, "train")
+        if self.algorithm != "sft" and self.sampling.temperature == 0:
+            raise ValueError("train.sampling.temperature must be > 0: RL samples its groups (0 is greedy)")
+        if self.algorithm == "tgrl" and self.mixing.n_expert >= self.group_size:
+            raise ValueError(
+                f"train.mixing.n_expert must be smaller than train.group_size ({self.mixing.n_expert} >= "
+                f"{self.group_size}): a group needs on-policy samples"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------- eval
 class EvalConfig(StepConfig):
-    samples: int = Field(1, ge=1, description="k samples per problem (avg@k, pass@k).")
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
-    max_new_tokens: int = Field(64, ge=1, description="Response budget in tokens.")
-    batch_size: int = Field(32, ge=1, description="Problems per generation batch.")
-    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
-    seed: int = Field(0, description="Sampling seed.")
+    samples: int = Field(1, ge=1, le=1024, strict=True, description="k samples per problem (avg@k, pass@k).")
+    sampling: SamplingConfig = step_field(
+        SamplingConfig,
+        "Sampling of the evaluated model (temperature 0 = greedy).",
+        temperature=0.0,
+        max_new_tokens=64,
+        batch_size=32,
+    )
+    backend: BackendConfig = Field(default_factory=BackendConfig, description="Engine (hf or vllm).")
+    seed: int = Field(0, ge=0, lt=2**63, description="Sampling seed.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N problems per benchmark.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalConfig:
+        _model_backend(self.backend, "eval")
+        return self
 
 
 # ---------------------------------------------------------------------------------------- promotion
@@ -257,160 +364,6 @@ class PipelineConfig(StepConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> PipelineConfig:
-        if self.train.mixing.n_expert >= self.train.group_size and self.train.algorithm == "tgrl":
-            raise ValueError("train.mixing.n_expert must be smaller than train.group_size")
-        return self
-
-
-# ------------------------------------------------------------------------------------ loading, --set
-def _format_validation(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"])
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {loc}: {first['msg']}{more}"
-
-
-def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """`["train.lr=1e-4", "train.loss.clip=false"]` -> nested dict; values parsed as YAML scalars."""
-    nested: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise TgrlError(f"--set expects key=value, got {pair!r}")
-        value = _parse_scalar(raw)
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise TgrlError(f"--set {pair!r} conflicts with another --set")
-        node[parts[-1]] = value
-    return nested
-
-
-def _parse_scalar(raw: str) -> Any:
-    """YAML scalar, except that numbers YAML 1.1 leaves as strings (`3e-4`) become floats."""
-    if not raw.strip():
-        return ""
-    try:
-        return float(raw) if "e" in raw.lower() and not raw.strip().isalpha() else yaml.safe_load(raw)
-    except (ValueError, yaml.YAMLError):
-        try:
-            return yaml.safe_load(raw)
-        except yaml.YAMLError:
-            return raw
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """Safe YAML that refuses a key given twice in one mapping: plain PyYAML keeps the last one silently,
-    so a recipe with two `lr:` lines would train with whichever came second."""
-
-
-def _unique_mapping(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    first: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may override on purpose
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            if key in first:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {key!r} given twice (first on line {first[key] + 1}); keep one",
-                    key_node.start_mark,
-                )
-            first[key] = key_node.start_mark.line
-        except TypeError:  # unhashable key: construct_mapping reports it
-            pass
-    return loader.construct_mapping(node, deep=True)
-
-
-_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-def _load_recipe(text: str) -> Any:
-    loader = _RecipeLoader(text)  # a SafeLoader: no Python object tags
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-def read_yaml(path: Path | str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise TgrlError("config file not found", path=path)
-    try:
-        data = _load_recipe(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        reason = getattr(err, "problem", None) or err
-        raise TgrlError(f"invalid YAML ({reason})", path=path, line=line) from None
-    except UnicodeDecodeError:
-        raise TgrlError("config is not UTF-8 text", path=path) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TgrlError("config must be a mapping of step sections", path=path)
-    return data
-
-
-def load_config(
-    path: Path | str | None,
-    model: type[T] = PipelineConfig,
-    overrides: list[str] | None = None,
-    section: str | None = None,
-) -> T:
-    """Load a recipe (or one `section` of it) into `model`, applying `--set` overrides on top."""
-    data = read_yaml(path) if path is not None else {}
-    if section is not None:
-        data = _section(data, section, path)
-    data = deep_merge(data, parse_overrides(overrides))
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise TgrlError(_format_validation(err, str(path or "--set"))) from None
-
-
-def _section(data: dict[str, Any], section: str, path: Path | str | None) -> dict[str, Any]:
-    """`data[section]` of a recipe, refusing unknown sections (a misspelt one would be silently ignored) and
-    a section that is not a mapping; `data` itself when it holds no known section (a file of section keys,
-    which `model` validates)."""
-    sections = set(PipelineConfig.model_fields)
-    if section not in data and not set(data) & sections:
-        return data
-    unknown = sorted(str(key) for key in set(data) - sections)
-    if unknown:
-        raise TgrlError(
-            f"unknown section(s) {', '.join(unknown)}",
-            path=path,
-            hint=f"sections: {', '.join(sorted(sections))}",
-        )
-    value = data.get(section)
-    if value is not None and not isinstance(value, dict):
-        raise TgrlError(
-            f"section {section!r} must be a mapping of keys, got {type(value).__name__}", path=path
-        )
-    return value or {}
-
-
-def dump_config(config: BaseModel) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,23 +8,65 @@ key for a misspelt one and the new place of a key that moved.
 
 from __future__ import annotations
 
-import re
+import difflib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
 from tgrl_lib.config import PipelineConfig, StepConfig
 from tgrl_lib.errors import TgrlError
 
+T = TypeVar("T", bound=StepConfig)
+
 
 # ------------------------------------------------------------------------------------ loading, --set
-def _format_validation(err: ValidationError, source: str) -> str:
+# keys that moved into the shared sampling / backend sub-models: old place -> new place
+MOVED = {
+    **{f"{step}.{key}": f"{step}.sampling.{key}" for step in ("generate", "train", "eval") for key in (
+        "temperature", "max_new_tokens")},
+    "generate.batch_size": "generate.sampling.batch_size",
+    "eval.batch_size": "eval.sampling.batch_size",
+    "train.rollout_batch_size": "train.sampling.batch_size",
+    "generate.expert": "generate.backend.kind",
+    "train.rollout_backend": "train.backend.kind",
+    "train.vllm_gpu_memory_utilization": "train.backend.vllm.gpu_memory_utilization",
+    "train.vllm_max_model_len": "train.backend.vllm.max_model_len",
+    **{f"{step}.trust_remote_code": f"{step}.backend.trust_remote_code" for step in ("generate", "train")},
+    **{f"generate.{key}": f"generate.backend.openai.{key}" for key in (
+        "top_p", "base_url", "api_key_env", "concurrency", "max_retries", "timeout_s", "backoff_s",
+        "max_backoff_s")},
+}  # fmt: skip
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the sub-model that `loc` (without its last part) points into."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _format_validation(err: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> str:
+    """One line: source, the dotted key, what is wrong, and for an unknown key where it moved or the
+    nearest valid one."""
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"])
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {loc}: {first['msg']}{more}"
+    hint = ""
+    full = f"{prefix}{loc}"
+    if full in MOVED:
+        hint = f"; it moved to {MOVED[full]}"
+    elif full.endswith(".backend") and first["type"] == "model_type":
+        hint = f"; {loc} is a mapping now: {loc}: {{kind: {first.get('input')}}}"
+    elif first["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(str(first["loc"][-1]), _fields_at(model, first["loc"]), n=1)
+        hint = f"; did you mean {'.'.join([*map(str, first['loc'][:-1]), near[0]])}?" if near else ""
+    return f"{source}: {loc}: {first['msg']}{more}{hint}"
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -104,24 +146,31 @@ def _load_recipe(text: str) -> Any:
         loader.dispose()
 
 
+def parse_yaml(text: str, source: Path | str = "<recipe>") -> dict[str, Any]:
+    """A recipe's YAML text -> its mapping ({} when empty); errors name `source` and the line."""
+    try:
+        data = _load_recipe(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        reason = getattr(err, "problem", None) or err
+        raise TgrlError(f"invalid YAML ({reason})", path=source, line=line) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TgrlError("config must be a mapping of step sections", path=source)
+    return data
+
+
 def read_yaml(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TgrlError("config file not found", path=path)
     try:
-        data = _load_recipe(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        reason = getattr(err, "problem", None) or err
-        raise TgrlError(f"invalid YAML ({reason})", path=path, line=line) from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise TgrlError("config is not UTF-8 text", path=path) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TgrlError("config must be a mapping of step sections", path=path)
-    return data
+    return parse_yaml(text, path)
 
 
 def load_config(
@@ -129,16 +178,33 @@ def load_config(
     model: type[T] = PipelineConfig,
     overrides: list[str] | None = None,
     section: str | None = None,
+    *,
+    text: str | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> T:
-    """Load a recipe (or one `section` of it) into `model`, applying `--set` overrides on top."""
-    data = read_yaml(path) if path is not None else {}
+    """The one loader: a recipe file (`path`) or its YAML `text` (neither: all defaults), or one step's
+    `section` of it, validated by `model`, with `--set` `overrides` (`key=value`; inside a section
+    `train.lr=...` and `lr=...` mean the same) and explicit `flags` (`{"sampling.temperature": 0.7}`,
+    CLI options) on top. A file that holds only a section's keys is read as that section."""
+    source = str(path) if path is not None else "recipe" if text is not None else "--set"
+    if overrides and source != "--set":
+        source += " with --set"
+    data = read_yaml(path) if path is not None else parse_yaml(text, source) if text is not None else {}
     if section is not None:
         data = _section(data, section, path)
+        overrides = [o.removeprefix(f"{section}.") for o in overrides or []]
     data = deep_merge(data, parse_overrides(overrides))
+    data = deep_merge(data, parse_overrides([f"{k}={_as_text(v)}" for k, v in (flags or {}).items()]))
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise TgrlError(_format_validation(err, str(path or "--set"))) from None
+        prefix = f"{section}." if section else ""
+        raise TgrlError(_format_validation(err, source, model, prefix)) from None
+
+
+def _as_text(value: Any) -> str:
+    """A flag value as the YAML scalar `--set` would parse back to the same value."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _section(data: dict[str, Any], section: str, path: Path | str | None) -> dict[str, Any]:

@@ -28,9 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import PipelineConfig, TrainConfig, load_config
+from tgrl_lib.config import PipelineConfig, TrainConfig
 from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
+from tgrl_lib.recipe import load_config
 
 MODEL_REF = "model_ref.json"  # an init_model output that points at a model instead of holding it
 REGISTERED = "registered.json"
@@ -40,14 +41,9 @@ REGISTERED = "registered.json"
 def load_recipe(config: str | Path) -> PipelineConfig:
     """The whole recipe from YAML text or a path to a YAML file ("" = all defaults)."""
     text = str(config)
-    if not text.strip():
-        return PipelineConfig()
     if "\n" not in text and text.endswith((".yaml", ".yml")):
         return load_config(text, PipelineConfig)
-    with tempfile.TemporaryDirectory(prefix="tgrl-recipe-") as tmp:
-        path = Path(tmp) / "recipe.yaml"
-        path.write_text(text, encoding="utf-8")
-        return load_config(path, PipelineConfig)
+    return load_config(None, PipelineConfig, text=text)
 
 
 @contextmanager

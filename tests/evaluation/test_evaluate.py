@@ -127,7 +127,7 @@ def read_samples(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------- scoring, hand-built
 def test_hand_built_responses_are_scored_exactly(hand_built, tiny_model_dir, tmp_path):
     backend = ScriptedBackend(RESPONSES)
-    config = EvalConfig(samples=2, batch_size=2, seed=10)
+    config = EvalConfig(samples=2, sampling={"batch_size": 2}, seed=10)
     payload = evaluate(tiny_model_dir, {"hand": hand_built}, config, tmp_path / "out", backend=backend)
 
     overall = payload["benchmarks"]["hand"]["overall"]
@@ -216,7 +216,7 @@ def test_refusals_name_the_problem(hand_built, tiny_model_dir, tmp_path):
 # --------------------------------------------------------------------------------- tiny model
 def test_tiny_model_report_files_and_groups(synthetic, hand_built, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    config = EvalConfig(max_new_tokens=12, batch_size=4)
+    config = EvalConfig(sampling={"max_new_tokens": 12, "batch_size": 4})
     payload = evaluate(tiny_model_dir, {"synthetic": synthetic, "hand": hand_built}, config, out)
 
     meta = payload["meta"]
@@ -268,7 +268,7 @@ def test_batched_greedy_equals_one_by_one(synthetic, scrambled_model, tmp_path):
     tokens (fp32, CPU)."""
     runs = {}
     for batch in (8, 1):
-        config = EvalConfig(max_new_tokens=32, batch_size=batch)
+        config = EvalConfig(sampling={"max_new_tokens": 32, "batch_size": batch})
         evaluate(scrambled_model, {"s": synthetic}, config, tmp_path / f"b{batch}")
         runs[batch] = [
             [(s["text"], s["length"]) for s in r["samples"]]
@@ -279,7 +279,9 @@ def test_batched_greedy_equals_one_by_one(synthetic, scrambled_model, tmp_path):
 
 
 def test_k_samples_with_temperature(synthetic, tiny_model_dir, tmp_path):
-    config = EvalConfig(samples=3, temperature=1.0, max_new_tokens=8, batch_size=4, seed=7, limit=4)
+    config = EvalConfig(
+        samples=3, sampling={"temperature": 1.0, "max_new_tokens": 8, "batch_size": 4}, seed=7, limit=4
+    )
     first = evaluate(tiny_model_dir, {"s": synthetic}, config, tmp_path / "a")
     rows = read_samples(tmp_path / "a" / "samples_s.jsonl")
     assert len(rows) == 4 and all(len(r["samples"]) == 3 for r in rows)
@@ -297,7 +299,7 @@ def test_k_samples_with_temperature(synthetic, tiny_model_dir, tmp_path):
 def test_cli_eval(synthetic, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["eval", "--model", str(tiny_model_dir), "--benchmark", f"syn={synthetic}", "--out", str(out),
-            "--limit", "3", "--max-new-tokens", "6", "--set", "batch_size=2"]  # fmt: skip
+            "--limit", "3", "--max-new-tokens", "6", "--set", "sampling.batch_size=2"]  # fmt: skip
     assert tgrl(argv) == 0
     printed = capsys.readouterr().out
     assert "| syn | (overall) | 3 |" in printed and f"tgrl eval: report in {out}/report.md" in printed
@@ -356,7 +358,7 @@ def test_eval_logged_registered_gated_and_champion_answers_like_the_checkpoint(
     bench = tmp_path / "bench"
     synthesize(bench, n=8, seed=1, split="test", difficulties=["easy"])
     trained = sft_overfit(Path(tiny_model_dir), bench, tmp_path / "sft")
-    config = EvalConfig(max_new_tokens=64, batch_size=8)
+    config = EvalConfig(sampling={"max_new_tokens": 64, "batch_size": 8})
     tracker = Tracker(
         TrackingConfig(
             tracking_uri=mlflow_server, experiment=f"eval-{uuid.uuid4().hex[:8]}", system_metrics=False

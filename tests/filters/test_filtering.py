@@ -12,16 +12,21 @@ from pathlib import Path
 import pytest
 
 from tgrl_lib.cli import main
-from tgrl_lib.config import FilterConfig, FilterSpec, GenerateConfig, PipelineConfig, load_config
+from tgrl_lib.config import FilterConfig, FilterSpec, GenerateConfig, PipelineConfig
 from tgrl_lib.data.schema import Manifest, Problem, Trajectory, load_dataset, sha256_file, validate_dataset
 from tgrl_lib.data.synthetic import synthesize
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.filters import FilterContext, build_filters
-from tgrl_lib.filters.run import load_filter_config, run_filters
+from tgrl_lib.filters.run import run_filters
 from tgrl_lib.generation.run import generate_trajectories
+from tgrl_lib.recipe import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = ["parse", "verified", "format", "special_tokens", "repetition", "length", "grounding"]
+
+
+def filter_config(path):
+    return load_config(path, FilterConfig, section="filter")
 
 
 def specs(*names: str, **params: dict) -> FilterConfig:
@@ -75,7 +80,7 @@ def test_injected_faults_are_removed_and_clean_trajectories_kept(faulty_dir, tmp
 
 
 def test_report_reconciles_per_filter_and_family(faulty_dir, tmp_path):
-    config = load_filter_config(REPO / "configs" / "filters.yaml")
+    config = filter_config(REPO / "configs" / "filters.yaml")
     report = run_filters(faulty_dir, tmp_path / "kept", tmp_path / "rejected", config)
     data = json.loads((tmp_path / "kept" / "report.json").read_text())
     assert data["reconciles"] is True
@@ -272,7 +277,7 @@ def test_problems_come_from_the_manifest_or_must_be_given(faulty_dir, problems_d
 
 
 def test_rerun_is_identical_and_foreign_outputs_are_refused(faulty_dir, tmp_path):
-    config = load_filter_config(REPO / "configs" / "filters.yaml")
+    config = filter_config(REPO / "configs" / "filters.yaml")
     run_filters(faulty_dir, tmp_path / "k", tmp_path / "r", config)
     first = {p.name: p.read_bytes() for d in ("k", "r") for p in (tmp_path / d).iterdir()}
     run_filters(faulty_dir, tmp_path / "k", tmp_path / "r", config)
@@ -294,8 +299,8 @@ def test_shipped_filter_config_is_a_valid_recipe_section():
     recipe = load_config(path, PipelineConfig)
     assert [s.name for s in recipe.filter.filters][:2] == ["parse", "verified"]
     build_filters(recipe.filter.filters)  # every name and parameter exists
-    assert load_filter_config(path) == recipe.filter
-    assert load_filter_config(None) == FilterConfig()
+    assert filter_config(path) == recipe.filter
+    assert filter_config(None) == FilterConfig()
 
 
 # ------------------------------------------------------------------------------------ likelihood
@@ -467,7 +472,7 @@ def test_hostile_texts_are_rejected_quickly(problems_dir, tmp_path):
     ]
     lines = [json.dumps({"problem_id": pid, "source": "expert:x", "text": t}) for t in texts]
     write_raw_trajectories(tmp_path / "in", lines, {"problems": str(problems_dir)})
-    config = load_filter_config(REPO / "configs" / "filters.yaml")
+    config = filter_config(REPO / "configs" / "filters.yaml")
     import time
 
     start = time.monotonic()

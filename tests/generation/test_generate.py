@@ -31,7 +31,7 @@ def rows(root: Path) -> list[tuple[str, int, str]]:
 
 
 def test_oracle_trajectories_are_scored_and_counted(problems, tmp_path):
-    config = GenerateConfig(samples_per_problem=3, fault_rate=0.3, batch_size=7)
+    config = GenerateConfig(samples_per_problem=3, fault_rate=0.3, sampling={"batch_size": 7})
     report = generate_trajectories(problems, tmp_path / "t", config, rejected_dir=tmp_path / "r")
     written = load_dataset(tmp_path / "t", "trajectories")
     problem_of = load_dataset(problems).by_id()
@@ -54,7 +54,7 @@ def test_oracle_trajectories_are_scored_and_counted(problems, tmp_path):
 
 
 def test_rerun_after_a_torn_write_completes_without_duplicates(problems, tmp_path):
-    config = GenerateConfig(samples_per_problem=3, fault_rate=0.3, batch_size=4)
+    config = GenerateConfig(samples_per_problem=3, fault_rate=0.3, sampling={"batch_size": 4})
     generate_trajectories(problems, tmp_path / "full", config)
     expected = rows(tmp_path / "full")
     # a crash: no manifest, whole lines, one sample missing (line 51), a torn last line
@@ -77,7 +77,7 @@ def test_an_output_from_another_run_is_refused_untouched(problems, tmp_path, tin
     before = {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()}
     with pytest.raises(TgrlError, match="sample 2"):
         generate_trajectories(problems, tmp_path / "t", GenerateConfig(samples_per_problem=2))
-    hf = GenerateConfig(samples_per_problem=3, expert="hf", model=str(tiny_model_dir))
+    hf = GenerateConfig(samples_per_problem=3, backend={"kind": "hf"}, model=str(tiny_model_dir))
     with pytest.raises(TgrlError, match="holds trajectories from 'expert:oracle'"):
         generate_trajectories(problems, tmp_path / "t", hf)
     assert {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()} == before  # still complete
@@ -132,7 +132,10 @@ def test_hf_backend_on_the_tiny_model_rejects_an_undecodable_image(problems, tin
     victim = dataset.records[1]
     (tmp_path / "p" / victim.image).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     config = GenerateConfig(
-        expert="hf", model=str(tiny_model_dir), samples_per_problem=2, max_new_tokens=6, temperature=1.0
+        backend={"kind": "hf"},
+        model=str(tiny_model_dir),
+        samples_per_problem=2,
+        sampling={"max_new_tokens": 6, "temperature": 1.0},
     )
     subset = tmp_path / "subset"
     from tgrl_lib.data.schema import write_dataset

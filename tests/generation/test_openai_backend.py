@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tgrl_lib.config import GenerateConfig
+from tgrl_lib.config import GenerateConfig, OpenAIConfig
 from tgrl_lib.data.schema import load_dataset
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.generation.openai import ChatClient, OpenAIBackend, retry_after_s, to_openai_messages
@@ -91,8 +91,8 @@ def scripted(monkeypatch):
         server, url = start_scripted(script)
         servers.append(server)
         options = {"backoff_s": 0.01, "max_backoff_s": 5.0, "max_retries": 3, "timeout_s": 5.0} | config
-        cfg = GenerateConfig(expert="openai", model="m", base_url=url, api_key_env=KEY_ENV, **options)
-        return script, OpenAIBackend(cfg)
+        cfg = OpenAIConfig(base_url=url, api_key_env=KEY_ENV, **options)
+        return script, OpenAIBackend(cfg, "m")
 
     yield start
     for server in servers:
@@ -179,7 +179,7 @@ def test_malformed_answers_and_bad_urls_are_clear_errors(scripted):
     with pytest.raises(TgrlError, match="base_url must start with http"):
         ChatClient("localhost:8000/v1")
     with pytest.raises(TgrlError, match="needs base_url"):
-        OpenAIBackend(GenerateConfig(expert="openai", model="m"))
+        OpenAIBackend(OpenAIConfig(), "m")
 
 
 def test_connection_refused_is_retried_then_reported():
@@ -231,12 +231,10 @@ def test_generate_through_the_server_matches_the_local_backend(served, problems,
     from tgrl_lib.generation.hf import HFBackend
 
     config = GenerateConfig(
-        expert="openai",
+        backend={"kind": "openai", "openai": {"base_url": served}},
         model="tiny",
-        base_url=served,
         samples_per_problem=2,
-        temperature=1.0,
-        max_new_tokens=12,
+        sampling={"temperature": 1.0, "max_new_tokens": 12},
     )
     report = generate_trajectories(problems, tmp_path / "traj", config, rejected_dir=tmp_path / "rej")
     assert report.trajectories == 8 and report.problems == 4 and report.rejected == 0
@@ -293,7 +291,7 @@ def test_tgrl_serve_command_requires_the_bearer_key(tiny_model_dir, problems, tm
         run = subprocess.run(
             [sys.executable, "-m", "tgrl_lib.cli", "generate", "--problems", str(problems), "--out",
              str(tmp_path / "traj"), "--expert", "openai", "--model", "tiny", "--base-url", url,
-             "--max-new-tokens", "8", "--set", f"api_key_env={KEY_ENV}"],
+             "--max-new-tokens", "8", "--set", f"backend.openai.api_key_env={KEY_ENV}"],
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr

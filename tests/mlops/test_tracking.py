@@ -83,7 +83,7 @@ def test_pipeline_runs_on_server_with_artifacts_in_s3(mlflow_server, s3_env, tmp
     cfg = PipelineConfig(
         tracking=TrackingConfig(tracking_uri=mlflow_server, experiment=f"exp-{uuid.uuid4().hex[:8]}")
     )
-    cfg.generate.api_key_env = "OPENAI_API_KEY"
+    cfg.generate.backend.openai.api_key_env = "OPENAI_API_KEY"
     hostile = {
         "openai": {"api_key": "sk-inline-secret-777", "base_url": "http://h/v1"},
         "note": f"copied by mistake: {SECRETS['OPENAI_API_KEY']}",

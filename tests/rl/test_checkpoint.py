@@ -47,7 +47,7 @@ def _train_keys(tiny_model_dir: Path, out: Path, steps: int) -> dict:
     return {
         "algorithm": "tgrl", "model": str(tiny_model_dir), "output_dir": str(out), "steps": steps,
         "problems_per_step": 2, "group_size": 3, "ppo_epochs": 2, "minibatch_size": 4,
-        "micro_batch_size": 2, "max_new_tokens": 10, "lr": 1e-2, "checkpoint_every": 1,
+        "micro_batch_size": 2, "sampling": {"max_new_tokens": 10}, "lr": 1e-2, "checkpoint_every": 1,
         "keep_checkpoints": 2, "in_loop_filter": {"max_tokens": 64, "min_logprob": -50.0},
     }  # fmt: skip
 

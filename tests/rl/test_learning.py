@@ -71,7 +71,7 @@ def held_out(model_dir: Path, test_dir: Path) -> dict[str, float]:
 def _config(algorithm: str, model: Path, out: Path, **changes) -> TrainConfig:
     base = {
         "algorithm": algorithm, "model": str(model), "output_dir": str(out), "lr": 1e-3,
-        "max_new_tokens": 48, "weighting": {"kind": "none"}, "checkpoint_every": 1000,
+        "sampling": {"max_new_tokens": 48}, "weighting": {"kind": "none"}, "checkpoint_every": 1000,
     }  # fmt: skip
     return TrainConfig.model_validate({**base, **changes})
 

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="output directory for the report")
     parser.add_argument("--config", help="recipe YAML (its `eval:` section) or a file of eval keys")
-    add_overrides(parser, "--set samples=8 --set temperature=0.7")
+    add_overrides(parser, "--set samples=8 --set sampling.temperature=0.7")
     parser.add_argument("--samples", type=int, help="k samples per problem (eval.samples)")
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy")
     parser.add_argument("--max-new-tokens", type=int, help="response budget in tokens")
@@ -41,9 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tgrl_lib.config import EvalConfig, load_config
+    from tgrl_lib.config import EvalConfig
     from tgrl_lib.errors import TgrlError
     from tgrl_lib.evaluation.run import evaluate, markdown_table
+    from tgrl_lib.recipe import load_config
 
     benchmarks: dict[str, str] = {}
     for item in args.benchmark:
@@ -57,14 +58,14 @@ def _run(args: argparse.Namespace) -> int:
         benchmarks[name] = path
     flags = {
         "samples": args.samples,
-        "temperature": args.temperature,
-        "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size,
-        "backend": args.backend,
+        "sampling.temperature": args.temperature,
+        "sampling.max_new_tokens": args.max_new_tokens,
+        "sampling.batch_size": args.batch_size,
+        "backend.kind": args.backend,
         "limit": args.limit,
     }
-    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
-    config = load_config(args.config, EvalConfig, overrides, section="eval")
+    flags = {k: v for k, v in flags.items() if v is not None}
+    config = load_config(args.config, EvalConfig, args.overrides, section="eval", flags=flags)
     results = evaluate(args.model, benchmarks, config, args.out)
     print(markdown_table(results["benchmarks"]), end="")
     print(f"tgrl eval: report in {args.out}/report.md, results in {args.out}/results.json")

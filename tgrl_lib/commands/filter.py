@@ -52,9 +52,11 @@ def _run(args: argparse.Namespace) -> int:
     if missing:
         raise TgrlError(f"tgrl filter needs {', '.join(missing)}", hint="see tgrl filter --help")
 
-    from tgrl_lib.filters.run import load_filter_config, run_filters
+    from tgrl_lib.config import FilterConfig
+    from tgrl_lib.filters.run import run_filters
+    from tgrl_lib.recipe import load_config
 
-    config = load_filter_config(args.config, args.overrides)
+    config = load_config(args.config, FilterConfig, args.overrides, section="filter")
     report = run_filters(args.in_dir, args.out, args.rejected, config, args.problems, policy=args.policy)
     print(
         f"tgrl filter: {report.input} in = {report.kept} kept + {report.rejected} rejected "

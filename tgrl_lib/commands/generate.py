@@ -10,17 +10,17 @@ import argparse
 
 from tgrl_lib.commands import add_overrides
 
-# flag -> GenerateConfig field
+# flag -> GenerateConfig field (dotted inside its sub-models)
 FLAGS = {
-    "expert": "expert",
+    "expert": "backend.kind",
     "model": "model",
     "samples": "samples_per_problem",
-    "temperature": "temperature",
-    "max_new_tokens": "max_new_tokens",
-    "base_url": "base_url",
+    "temperature": "sampling.temperature",
+    "max_new_tokens": "sampling.max_new_tokens",
+    "base_url": "backend.openai.base_url",
     "fault_rate": "fault_rate",
-    "batch_size": "batch_size",
-    "concurrency": "concurrency",
+    "batch_size": "sampling.batch_size",
+    "concurrency": "backend.openai.concurrency",
     "seed": "seed",
 }
 
@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "as a trajectories dataset whose manifest records the problems dataset (so `tgrl filter` finds "
             "it). Rerunning the same command after an interruption resumes: complete problems are skipped, "
             "nothing is duplicated. Unreadable problem rows go to --rejected (default: OUT.rejected). "
-            "The openai expert reads its API key from the env var named by generate.api_key_env "
-            "(default OPENAI_API_KEY) and never prints it."
+            "The openai expert reads its API key from the env var named by "
+            "generate.backend.openai.api_key_env (default OPENAI_API_KEY) and never prints it."
         ),
     )
     parser.add_argument("--problems", required=True, help="problems dataset directory")
@@ -54,17 +54,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, help="problems per batch (written together)")
     parser.add_argument("--concurrency", type=int, help="openai: requests in flight")
     parser.add_argument("--seed", type=int, help="sampling seed")
-    add_overrides(parser, "--set max_retries=8")
+    add_overrides(parser, "--set backend.openai.max_retries=8")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tgrl_lib.generation.run import generate_trajectories, load_generate_config
+    from tgrl_lib.config import GenerateConfig
+    from tgrl_lib.generation.run import generate_trajectories
+    from tgrl_lib.recipe import load_config
 
     flags = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag) is not None}
-    config = load_generate_config(args.config, args.overrides, flags)
+    config = load_config(args.config, GenerateConfig, args.overrides, section="generate", flags=flags)
     out = Path(args.out)
     rejected = Path(args.rejected) if args.rejected else out.with_name(out.name + ".rejected")
     report = generate_trajectories(args.problems, out, config, rejected_dir=rejected)

@@ -29,14 +29,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tgrl_lib.config import TrainConfig
     from tgrl_lib.errors import TgrlError
     from tgrl_lib.progress import progress_bar, step_printer
-    from tgrl_lib.rl.trainer import load_train_config, train
+    from tgrl_lib.recipe import load_config
+    from tgrl_lib.rl.trainer import train
 
     if not args.problems:
         raise TgrlError("tgrl train needs --problems DIR", hint="see tgrl train --help")
-    overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
-    config = load_train_config(args.config, overrides)
+    flags = {"output_dir": args.out} if args.out else {}
+    config = load_config(args.config, TrainConfig, args.overrides, section="train", flags=flags)
     show = step_printer(config.steps, lines=20)
 
     with progress_bar(f"train {config.algorithm}", config.steps) as advance:

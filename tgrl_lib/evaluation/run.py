@@ -204,41 +204,11 @@ def sample_dump(scores: list[ProblemScore]) -> list[dict[str, Any]]:
 REPORT_FILES = ("results.json", "report.md", "accuracy.png", "accuracy_vs_grounding.png")
 
 
-def make_eval_backend(model: str, config: Any) -> Any:
-    """The generation backend `config.backend` over `model` (a directory, `file://` or `s3://` URI)."""
-    if config.backend == "vllm":
-        from tgrl_lib.generation.vllm import VLLMBackend
-        from tgrl_lib.store.artifacts import localize
-
-        return VLLMBackend(str(localize(model)), seed=config.seed)
-    import torch
-
-    from tgrl_lib.generation.hf import HFBackend
-
-    device = "cuda" if torch.cuda.is_available() else None
-    return HFBackend.from_pretrained(model, device=device, batch_size=config.batch_size)
-
-
-def prompt_processor(backend: Any, model: str) -> Any:
-    """The processor whose chat template renders the prompts: the backend's own (hf), else the model's
-    (vllm holds only a tokenizer inside its engine)."""
-    processor = getattr(backend, "processor", None)
-    if processor is not None:
-        return processor
-    from tgrl_lib.models.policy import _load_processor
-    from tgrl_lib.store.artifacts import localize
-
-    path = Path(localize(str(model)))
-    try:
-        return _load_processor(path, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise TgrlError(f"cannot load the processor (chat template) of the model: {err}", path=path) from err
-
-
 def generate_benchmark(
     backend: Any, dataset: Any, config: Any, *, processor: Any = None, description: str = "eval"
 ) -> list[ProblemScore]:
-    """Generate `config.samples` responses per problem in batches of `config.batch_size` and score them.
+    """Generate `config.samples` responses per problem in batches of `config.sampling.batch_size` and
+    score them.
     Prompts are rendered with `processor` (default: the backend's own)."""
     from tgrl_lib.data.images import load_image
     from tgrl_lib.data.prompts import render_prompt
@@ -253,16 +223,16 @@ def generate_benchmark(
     problems = list(dataset.records)[: config.limit] if config.limit else list(dataset.records)
     scores: list[ProblemScore] = []
     with progress_bar(description, len(problems)) as advance:
-        for start in range(0, len(problems), config.batch_size):
-            batch = problems[start : start + config.batch_size]
+        for start in range(0, len(problems), config.sampling.batch_size):
+            batch = problems[start : start + config.sampling.batch_size]
             prompts = [render_prompt(processor, p.question, p.choices) for p in batch]
             images = [load_image(dataset.image_path(p)) for p in batch]
             groups = backend.generate(
                 prompts,
                 images,
                 samples=config.samples,
-                temperature=config.temperature,
-                max_new_tokens=config.max_new_tokens,
+                temperature=config.sampling.temperature,
+                max_new_tokens=config.sampling.max_new_tokens,
                 seed=config.seed + start,
             )
             if len(groups) != len(batch) or any(len(g) != config.samples for g in groups):
@@ -323,10 +293,15 @@ def evaluate(
     caller that already holds the model); prompts use its `processor`, else the model's."""
     import time
 
+    from tgrl_lib.generation.factory import make_backend, prompt_processor
+
     datasets = _load_benchmarks(benchmarks)
     out = Path(out_dir)
-    backend = backend or make_eval_backend(str(model), config)
-    processor = prompt_processor(backend, str(model))
+    if backend is None:
+        backend = make_backend(
+            config.backend, str(model), batch_size=config.sampling.batch_size, seed=config.seed
+        )
+    processor = prompt_processor(backend, str(model), config.backend.trust_remote_code)
     results: dict[str, Any] = {}
     scores: dict[str, list[ProblemScore]] = {}
     timings: dict[str, float] = {}
@@ -339,11 +314,11 @@ def evaluate(
         results[name] = summarize(scores[name], config.samples)
     meta = {
         "model": str(model),
-        "backend": getattr(backend, "name", config.backend),
+        "backend": getattr(backend, "name", config.backend.kind),
         "samples": config.samples,
-        "temperature": config.temperature,
-        "max_new_tokens": config.max_new_tokens,
-        "batch_size": config.batch_size,
+        "temperature": config.sampling.temperature,
+        "max_new_tokens": config.sampling.max_new_tokens,
+        "batch_size": config.sampling.batch_size,
         "seed": config.seed,
         "limit": config.limit,
         "seconds": {name: round(t, 3) for name, t in timings.items()},

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import FilterConfig, load_config, read_yaml
+from tgrl_lib.config import FilterConfig
 from tgrl_lib.data.schema import (
     LONE_SURROGATE,
     MANIFEST,
@@ -124,13 +124,6 @@ def run_filters(
         kept_writer.write(r.trajectory.model_copy(update={"filter": verdict}) for r in kept)
         write_report(report, out_dir, logprobs)
     return report
-
-
-def load_filter_config(path: str | Path | None, overrides: list[str] | None = None) -> FilterConfig:
-    """A `FilterConfig` from a recipe (its `filter:` section) or a filter file (`filters:` at the top);
-    None gives the built-in default list. `overrides` are `--set key=value` within the section."""
-    section = "filter" if path is not None and "filter" in read_yaml(path) else None
-    return load_config(path, FilterConfig, overrides, section=section)
 
 
 def _check_dirs(in_dir: Path, out_dir: Path, rejected_dir: Path) -> None:

@@ -32,7 +32,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import GenerateConfig
+from tgrl_lib.config import OpenAIConfig
 from tgrl_lib.env import read_env, scrub
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.generation.base import Completion
@@ -217,12 +217,12 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, config: GenerateConfig):
+    def __init__(self, config: OpenAIConfig, model: str):
         if not config.base_url:
             raise TgrlError("the openai expert needs base_url", hint="pass --base-url http://HOST:PORT/v1")
-        if not config.model:
+        if not model:
             raise TgrlError("the openai expert needs the served model name", hint="pass --model NAME")
-        self.config = config
+        self.config, self.model = config, model
         self.client = ChatClient(
             config.base_url,
             api_key=read_env(config.api_key_env),
@@ -246,7 +246,7 @@ class OpenAIBackend:
         if images is not None and len(images) != len(prompts):
             raise TgrlError(f"openai backend: {len(prompts)} prompts but {len(images)} images")
         base = {
-            "model": self.config.model,
+            "model": self.model,
             "temperature": temperature,
             "top_p": self.config.top_p,
             "max_tokens": max_new_tokens,

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from tgrl_lib.config import GenerateConfig
 from tgrl_lib.data.schema import (
@@ -58,28 +58,13 @@ class GenerateReport(BaseModel):
     backend: str = Field(description="Backend kind and model.")
 
 
-def load_generate_config(
-    path: str | Path | None, overrides: list[str] | None = None, flags: dict[str, Any] | None = None
-) -> GenerateConfig:
-    """A `GenerateConfig` from a recipe (its `generate:` section) or a file of those keys, then `--set`
-    overrides, then explicit CLI flags (`{field: value}`) on top."""
-    from tgrl_lib.config import load_config, read_yaml
-
-    section = "generate" if path is not None and "generate" in read_yaml(path) else None
-    config = load_config(path, GenerateConfig, overrides, section=section)
-    try:
-        return GenerateConfig.model_validate(config.model_dump() | (flags or {}))
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise TgrlError(f"generate option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-
-
 def expert_name(config: GenerateConfig) -> str:
     """The model part of `source="expert:<model>"`."""
-    if config.expert == "oracle":
+    kind = config.backend.kind
+    if kind == "oracle":
         return "oracle"
-    model = (config.model or config.expert).rstrip("/")
-    return model.rsplit("/", 1)[-1] if config.expert in ("hf", "vllm") and "://" not in model else model
+    model = (config.model or kind).rstrip("/")
+    return model.rsplit("/", 1)[-1] if kind in ("hf", "vllm") and "://" not in model else model
 
 
 def generate_trajectories(
@@ -112,7 +97,7 @@ def generate_trajectories(
     meta = {
         "problems": str(problems_dir.resolve()),
         "problems_sha256": dataset.manifest.files.get("records.jsonl"),
-        "expert": config.expert,
+        "expert": config.backend.kind,
         "model": name,
         "samples_per_problem": K,
     }
@@ -194,9 +179,9 @@ def _generate_all(
     K = config.samples_per_problem
     new, failed = 0, []
     lines = _lines_by_id(dataset.root) if todo else {}
-    with progress_bar(f"generate ({config.expert})", len(todo)) as advance:
-        for start in range(0, len(todo), config.batch_size):
-            batch = todo[start : start + config.batch_size]
+    with progress_bar(f"generate ({config.backend.kind})", len(todo)) as advance:
+        for start in range(0, len(todo), config.sampling.batch_size):
+            batch = todo[start : start + config.sampling.batch_size]
             batch, images, bad = _load_images(expert, dataset, batch, lines)
             failed += bad
             missing = [sorted(set(range(K)) - done[p.id]) for p in batch]
@@ -244,8 +229,8 @@ def sample_batch(
             [expert.prompt(problems[i]) for i in rows],
             None if images is None else [images[i] for i in rows],
             samples=count,
-            temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens,
+            temperature=config.sampling.temperature,
+            max_new_tokens=config.sampling.max_new_tokens,
             seed=batch_seed(config.seed, [problems[i].id for i in rows]),
         )
         for i, row in zip(rows, completions, strict=True):
@@ -315,7 +300,8 @@ def _trajectory(
     from tgrl_lib.scoring.rewards import reward
 
     scored = reward(text, problem)
-    meta = {"sample": sample, "expert": config.expert, **{k: v for k, v in info.items() if v is not None}}
+    meta = {"sample": sample, "expert": config.backend.kind}
+    meta |= {k: v for k, v in info.items() if v is not None}
     return Trajectory(
         problem_id=problem.id,
         source=f"expert:{name}",
@@ -353,5 +339,5 @@ def _report(
         accuracy=correct / len(written.records) if written.records else 0.0,
         faults=dict(sorted(faults.items())),
         seconds=round(seconds, 3),
-        backend=f"{config.expert}:{name}",
+        backend=f"{config.backend.kind}:{name}",
     )

@@ -30,7 +30,7 @@ def _import_vllm() -> Any:
     except ImportError as err:
         raise TgrlError(
             "the vllm rollout backend needs vLLM (GPU only)",
-            hint="pip install 'tgrl[gpu]', or set train.rollout_backend: hf",
+            hint="pip install 'tgrl[gpu]', or set train.backend.kind: hf",
         ) from err
     return vllm
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import PipelineConfig, dump_config, load_config
+from tgrl_lib.config import PipelineConfig
 from tgrl_lib.errors import TgrlError
+from tgrl_lib.recipe import dump_config, load_config
 
 
 @dataclass

@@ -118,7 +118,8 @@ def _config_text(path: str | None) -> str:
     """The recipe's YAML text, validated first so a bad recipe fails here, not at 3 a.m."""
     if path is None:
         return ""
-    from tgrl_lib.config import PipelineConfig, load_config
+    from tgrl_lib.config import PipelineConfig
+    from tgrl_lib.recipe import load_config
 
     load_config(path, PipelineConfig)
     return Path(path).read_text(encoding="utf-8")

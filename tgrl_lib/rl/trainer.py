@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tgrl_lib.config import TrainConfig, flatten, load_config, read_yaml
+from tgrl_lib.config import TrainConfig, flatten
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.metrics_log import FanoutLogger, JsonlLogger, MetricsLogger
 from tgrl_lib.rl.checkpoint import (
@@ -42,11 +42,13 @@ log = logging.getLogger(__name__)
 
 # config keys that may change between a run and its resumption (everything else must match)
 RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "resume", "output_dir"}
-# algorithm -> which groups receive expert trajectories (grpo: none)
-EXPERT_RULES: dict[str, Callable[[TrainConfig], Callable[[Group], bool]]] = {
-    "tgrl": lambda cfg: lambda group: group.accuracy < cfg.mixing.inject_below,
-    "sft": lambda cfg: lambda group: True,
-}
+USES_EXPERTS = ("tgrl", "sft")  # grpo never sees an expert trajectory
+
+
+def wants_experts(config: TrainConfig, group: Group) -> bool:
+    """Whether `group` receives expert trajectories: every group for sft, for tgrl those whose on-policy
+    accuracy is below `mixing.inject_below`."""
+    return config.algorithm == "sft" or group.accuracy < config.mixing.inject_below
 
 
 @dataclass
@@ -133,15 +135,6 @@ def train(
     return TrainResult(final, config.steps, metrics, resumed_from=start, message=message)
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from a recipe's `train:` section (or a file holding only train keys), `--set` on top.
-    Overrides may be written `lr=1e-4` or `train.lr=1e-4`."""
-    data = read_yaml(path) if path is not None else {}
-    section = "train" if "train" in data or not data else None
-    pairs = [o.removeprefix("train.") for o in overrides or []]
-    return load_config(path, TrainConfig, pairs, section=section)
-
-
 # ------------------------------------------------------------------------------------------ resume
 def resume_state(config: TrainConfig, output_dir: Path) -> TrainingState | None:
     """The newest complete checkpoint to continue from, or None for a fresh run; refuses to mix runs."""
@@ -200,10 +193,11 @@ def setup(
     from accelerate import Accelerator
 
     from tgrl_lib.generation.base import non_response_token_ids
-    from tgrl_lib.models.policy import load_policy
+    from tgrl_lib.generation.factory import make_backend
+    from tgrl_lib.models.policy import Policy, load_policy
     from tgrl_lib.rl.update import OBJECTIVES
 
-    if config.algorithm in EXPERT_RULES and experts_dir is None:
+    if config.algorithm in USES_EXPERTS and experts_dir is None:
         raise TgrlError(
             f"algorithm {config.algorithm} needs expert trajectories",
             hint="pass --experts DIR (a dataset from tgrl generate / tgrl filter), or use algorithm grpo",
@@ -211,14 +205,15 @@ def setup(
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     dataset = _load(problems_dir, "problems")
     start = resume.path if resume is not None else config.model
-    policy = load_policy(start, dtype="float32", trust_remote_code=config.trust_remote_code)
+    trust_remote_code = config.backend.trust_remote_code
+    policy = load_policy(start, dtype="float32", trust_remote_code=trust_remote_code)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0
     )  # linear warm-up over optimizer steps, then constant
     model, optimizer = accelerator.prepare(policy.model.train(), optimizer)
-    budget = config.in_loop_filter.max_tokens or config.max_new_tokens
+    budget = config.in_loop_filter.max_tokens or config.sampling.max_new_tokens
     run = Run(
         config=config,
         accelerator=accelerator,
@@ -229,15 +224,18 @@ def setup(
         dataset=dataset,
         cursor=DataCursor(len(dataset.records), config.seed),
         objective=OBJECTIVES[config.algorithm](config),
-        max_response_tokens=max(config.max_new_tokens, budget),
+        max_response_tokens=max(config.sampling.max_new_tokens, budget),
         forbidden_ids=frozenset(non_response_token_ids(policy.tokenizer)),
     )
-    if config.algorithm in EXPERT_RULES:
+    if config.algorithm in USES_EXPERTS:
         run.pool = _expert_pool(config, experts_dir, dataset, policy.tokenizer, budget)
-    if config.algorithm != "sft":
-        run.backend = ROLLOUT_BACKENDS[config.rollout_backend](run, policy.path)
+    if config.algorithm != "sft":  # hf generates with the policy itself, vllm loads its own copy
+        live = Policy(run.policy, policy.processor, policy.path)
+        run.backend = make_backend(
+            config.backend, live, batch_size=config.sampling.batch_size, seed=config.seed
+        )
     if config.loss.kl_coef > 0:
-        ref = load_policy(config.model, dtype="float32", trust_remote_code=config.trust_remote_code)
+        ref = load_policy(config.model, dtype="float32", trust_remote_code=trust_remote_code)
         run.ref_model = ref.model.to(accelerator.device).eval().requires_grad_(False)
     if resume is not None:
         _restore(run, resume)
@@ -276,28 +274,6 @@ def _expert_pool(
             hint="check that the trajectories belong to these problems, or relax train.in_loop_filter",
         )
     return pool
-
-
-def _hf_backend(run: Run, path: Path) -> Any:
-    from tgrl_lib.generation.hf import HFBackend
-
-    return HFBackend(run.policy, run.processor, batch_size=run.config.rollout_batch_size)
-
-
-def _vllm_backend(run: Run, path: Path) -> Any:
-    from tgrl_lib.generation.vllm import VLLMBackend
-
-    c = run.config
-    return VLLMBackend(
-        str(path),
-        gpu_memory_utilization=c.vllm_gpu_memory_utilization,
-        max_model_len=c.vllm_max_model_len,
-        seed=c.seed,
-        trust_remote_code=c.trust_remote_code,
-    )
-
-
-ROLLOUT_BACKENDS: dict[str, Callable[[Run, Path], Any]] = {"hf": _hf_backend, "vllm": _vllm_backend}
 
 
 def _restore(run: Run, state: TrainingState) -> None:
@@ -350,8 +326,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             run.backend,
             groups,
             samples=cfg.group_size,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.sampling.temperature,
+            max_new_tokens=cfg.sampling.max_new_tokens,
             seed=derived_seed(cfg.seed, "rollout", step),
             forbidden_ids=run.forbidden_ids,
         )
@@ -365,7 +341,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             groups,
             run.pool,
             n_expert=cfg.mixing.n_expert,
-            wants=EXPERT_RULES[cfg.algorithm](cfg),
+            wants=lambda group: wants_experts(cfg, group),
             step=step,
             format_weight=cfg.format_reward,
             likelihood=_likelihood(run),

@@ -172,7 +172,7 @@ class RLObjective:
             shaping_gamma=c.shaping_gamma,
             kl_coef=c.kl_coef,
             entropy_coef=c.entropy_coef,
-            max_response_len=c.constant_length or config.max_new_tokens,
+            max_response_len=c.constant_length or config.sampling.max_new_tokens,
         )
         self.needs_entropy = c.entropy_coef > 0
 
@@ -272,7 +272,7 @@ def _training_logprobs(
 def scoring_temperature(config: TrainConfig) -> float:
     """The temperature the loss scores tokens at: the rollout's for RL (the distribution the samples came
     from), 1 for SFT (plain log-likelihood of the expert text: there are no rollouts)."""
-    return 1.0 if config.algorithm == "sft" else config.temperature
+    return 1.0 if config.algorithm == "sft" else config.sampling.temperature
 
 
 def _tensors_to(mb: TrainBatch, device: Any) -> dict[str, Tensor | None]:
