@@ -160,6 +160,7 @@ def mlflow_postgres_process(postgres_server, mlflow_postgres_template, servers_d
         DEFAULT_BUCKET,
         backend_store_uri=postgres_server.uri(database),
         name="mlflow-postgres",
+        migrate=False,  # a copy of the migrated template
     )
     yield server
     server.stop()
@@ -191,8 +192,13 @@ def mlflow_store_uri(mlflow_backend, tmp_path, request):
 def fresh_mlflow_server(mlflow_store_uri, s3_endpoint, tmp_path):
     """A new `mlflow server` on `mlflow_store_uri` (artifacts proxied to moto), for a test that needs an
     empty tracking server (first registered version, counts of runs). Starting one takes ~15 s."""
+    # the store is migrated already (PostgreSQL: a template copy) or created by the server (SQLite)
     server = start_mlflow(
-        tmp_path / "mlflow-server", s3_endpoint, DEFAULT_BUCKET, backend_store_uri=mlflow_store_uri
+        tmp_path / "mlflow-server",
+        s3_endpoint,
+        DEFAULT_BUCKET,
+        backend_store_uri=mlflow_store_uri,
+        migrate=False,
     )
     yield server.url
     server.stop()

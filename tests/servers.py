@@ -429,13 +429,15 @@ def start_mlflow(
     extra_env: dict[str, str] | None = None,
     backend_store_uri: str | None = None,
     name: str = "mlflow",
+    migrate: bool = True,
 ) -> ServerProcess:
     """`mlflow server` with artifacts proxied to `s3://bucket/mlflow` on the given endpoint; its backend
     store is `backend_store_uri` (e.g. `PostgresServer.uri(db)`), by default a SQLite file in `work_dir`.
 
     A database store is migrated first with `mlflow db upgrade`, as the chart's pre-install hook does,
-    so the server starts on an up-to-date schema. The URI reaches the server in
-    MLFLOW_BACKEND_STORE_URI, not on its command line (as in the chart: it holds the password)."""
+    so the server starts on an up-to-date schema (`migrate=False`: it is migrated already, or empty and
+    left to the server). The URI reaches the server in MLFLOW_BACKEND_STORE_URI, not on its command
+    line (as in the chart: it holds the password)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     store = backend_store_uri or f"sqlite:///{work_dir / 'mlflow.db'}"
     env = {
@@ -445,7 +447,7 @@ def start_mlflow(
         "MLFLOW_BACKEND_STORE_URI": store,
         **(extra_env or {}),
     }
-    if backend_store_uri is not None:
+    if backend_store_uri is not None and migrate:
         mlflow_db_upgrade(store, work_dir / f"{name}-db-upgrade.log")
 
     def argv(p: int) -> list[str]:
