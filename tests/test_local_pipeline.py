@@ -1,5 +1,8 @@
 """The README's main job at a smaller size: `tgrl pipeline run --local` runs the whole TGRL pipeline with
-kfp.local, registers a model version in the local MLflow and leaves the eval report in `results/`."""
+kfp.local, registers a model version in the local MLflow and leaves the eval report in `results/`.
+The full run happens twice: `[sqlite]` on the embedded default (a SQLite file in the work dir) and
+`[postgres]` as deployed (a fresh `mlflow server` on a fresh PostgreSQL database, conftest
+`fresh_mlflow_server`)."""
 
 from __future__ import annotations
 
@@ -36,16 +39,30 @@ def test_local_recipe_points_mlflow_into_the_work_dir(tmp_path):
     assert server.tracking.tracking_uri == "http://mlflow:5000"  # a recipe naming a server keeps it
 
 
+@pytest.fixture
+def pipeline_tracking(mlflow_backend, request) -> tuple[list[str], str | None]:
+    """(`--set` overrides, server URL): none on SQLite (the embedded default); on PostgreSQL the recipe
+    names a fresh MLflow server, as a cluster's recipe names the chart's server."""
+    if mlflow_backend == "sqlite":
+        return [], None
+    server = request.getfixturevalue("fresh_mlflow_server")
+    return [f"tracking.tracking_uri={server}"], server
+
+
 @pytest.mark.slow
+@pytest.mark.mlflow_backends
 @pytest.mark.timeout(900)
-def test_local_pipeline_registers_a_version_and_writes_the_report(tmp_path, capsys, monkeypatch):
+def test_local_pipeline_registers_a_version_and_writes_the_report(
+    tmp_path, capsys, monkeypatch, pipeline_tracking
+):
+    overrides, server = pipeline_tracking
     monkeypatch.chdir(tmp_path)  # relative paths of the recipe resolve here, not in the repo
     work = tmp_path / "runs"
     config = REPO / "configs" / "tiny-cpu.yaml"
     argv = ["pipeline", "run", "--local", "--work-dir", str(work)]
     if config.is_file():
         argv += ["--config", str(config)]
-    for pair in SMALL:
+    for pair in [*SMALL, *overrides]:
         argv += ["--set", pair]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -56,8 +73,8 @@ def test_local_pipeline_registers_a_version_and_writes_the_report(tmp_path, caps
     assert (results / "eval" / "results.json").is_file() and (results / "eval" / "report.md").is_file()
     assert (results / "report.html").read_text().startswith("<!doctype html>")
     assert any((results / "checkpoint").iterdir())
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    assert f"mlflow ui --backend-store-uri {uri}" in out
+    uri = server or f"sqlite:///{work / 'mlflow.db'}"
+    assert (f"browse        {uri}" if server else f"mlflow ui --backend-store-uri {uri}") in out
 
     import mlflow
 

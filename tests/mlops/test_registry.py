@@ -1,5 +1,6 @@
 """Model registry and the promotion gate against a real MLflow server (artifacts in a real S3 endpoint),
-plus the embedded sqlite store; `models:/NAME@champion` loads and answers like the checkpoint."""
+plus the embedded sqlite store; `models:/NAME@champion` loads and answers like the checkpoint.
+Tests that use the server run once on SQLite and once on PostgreSQL (conftest `mlflow_backends`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 from tgrl_lib.cli import main as tgrl
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.mlops.registry import download_model, load_champion, promote, register_checkpoint
+
+pytestmark = pytest.mark.mlflow_backends  # server tests: [sqlite] and [postgres]
 
 
 def fake_checkpoint(root: Path, seed: int = 0) -> Path:

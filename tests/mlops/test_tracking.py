@@ -1,5 +1,6 @@
 """MLflow tracking against a real `mlflow server` whose artifacts land in a real S3 endpoint (moto);
-the metrics-logger protocol; secrets never reaching params or tags; a down or hung server fails fast."""
+the metrics-logger protocol; secrets never reaching params or tags; a down or hung server fails fast.
+Tests that use the server run once on SQLite and once on PostgreSQL (conftest `mlflow_backends`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from tgrl_lib.errors import TgrlError
 from tgrl_lib.metrics_log import FanoutLogger, JsonlLogger, MetricsLogger, read_jsonl_metrics
 from tgrl_lib.mlops.tracking import MlflowLogger, Tracker, clean_params, metric_key, resolve_tracking_uri
 from tgrl_lib.store.s3 import s3_client
+
+pytestmark = pytest.mark.mlflow_backends  # server tests: [sqlite] and [postgres]
 
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "dummy-aws-secret-0xDEADBEEF",

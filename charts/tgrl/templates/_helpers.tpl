@@ -26,6 +26,10 @@ Names. Every resource name is derived from tgrl.fullname and stays within 63 cha
 {{- printf "%s-mlflow" (include "tgrl.fullname" . | trunc 56 | trimSuffix "-") }}
 {{- end }}
 
+{{- define "tgrl.mlflow.migrate.fullname" -}}
+{{- printf "%s-mlflow-db-upgrade" (include "tgrl.fullname" . | trunc 45 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "tgrl.schedule.fullname" -}}
 {{- printf "%s-schedule" (include "tgrl.fullname" . | trunc 54 | trimSuffix "-") }}
 {{- end }}
@@ -114,12 +118,33 @@ external names, the Service's in-cluster names with and without a port, and loca
 {{- range .Values.mlflow.allowedHosts }}
 {{- $hosts = append $hosts . }}
 {{- end }}
+{{- if .Values.mlflow.ingress.enabled }}
+{{- range .Values.mlflow.ingress.hosts }}
+{{- $hosts = append $hosts .host }}
+{{- $hosts = append $hosts (printf "%s:*" .host) }}
+{{- end }}
+{{- end }}
+{{- if eq (include "tgrl.mlflow.metrics" .) "true" }}
+{{- /* Prometheus scrapes the pod IP: the private ranges (MLflow's own default allows them too) */}}
+{{- $hosts = concat $hosts (list "10.*" "192.168.*") }}
+{{- range $i := untilStep 16 32 1 }}
+{{- $hosts = append $hosts (printf "172.%d.*" $i) }}
+{{- end }}
+{{- $hosts = concat $hosts (list "fc00:*" "fd00:*") }}
+{{- end }}
 {{- range (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $.Values.clusterDomain)) }}
 {{- $hosts = append $hosts . }}
 {{- $hosts = append $hosts (printf "%s:*" .) }}
 {{- end }}
 {{- $hosts = concat $hosts (list "localhost" "localhost:*" "127.0.0.1" "127.0.0.1:*") }}
 {{- join "," (uniq $hosts) }}
+{{- end }}
+
+{{/*
+"true" when the server exposes Prometheus metrics: asked for, or needed by the ServiceMonitor.
+*/}}
+{{- define "tgrl.mlflow.metrics" -}}
+{{- or .Values.mlflow.metrics.enabled .Values.mlflow.metrics.serviceMonitor.enabled | toString }}
 {{- end }}
 
 {{/*
