@@ -225,10 +225,10 @@ def test_mlflow_basic_auth_credentials_come_from_the_environment(mlflow_server, 
     from mlflow import MlflowClient
 
     from tgrl_lib.config import PipelineConfig, TrackingConfig
-    from tgrl_lib.mlops import tracking
+    from tgrl_lib.mlops import tracking, tracking_uri
 
     password = SECRETS["MLFLOW_TRACKING_PASSWORD"]
-    previous = (mlflow.get_tracking_uri(), list(tracking._CURRENT_URI))
+    previous = (mlflow.get_tracking_uri(), list(tracking_uri._CURRENT_URI))
     try:
         with basic_auth_proxy(mlflow_server, USER, password) as (url, seen):
             monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
@@ -252,4 +252,4 @@ def test_mlflow_basic_auth_credentials_come_from_the_environment(mlflow_server, 
             assert "not-the-password-4242" not in str(info.value) and password not in str(info.value)
     finally:
         mlflow.set_tracking_uri(previous[0])
-        tracking._CURRENT_URI[:] = previous[1]
+        tracking_uri._CURRENT_URI[:] = previous[1]

@@ -14,7 +14,8 @@ from servers import free_port
 from tgrl_lib.config import PipelineConfig, TrackingConfig
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.metrics_log import FanoutLogger, JsonlLogger, MetricsLogger, read_jsonl_metrics
-from tgrl_lib.mlops.tracking import MlflowLogger, Tracker, clean_params, metric_key, resolve_tracking_uri
+from tgrl_lib.mlops.tracking import MlflowLogger, Tracker, clean_params, metric_key
+from tgrl_lib.mlops.tracking_uri import resolve_tracking_uri
 from tgrl_lib.store.s3 import s3_client
 
 pytestmark = pytest.mark.mlflow_backends  # server tests: [sqlite] and [postgres]

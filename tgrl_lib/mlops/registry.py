@@ -33,7 +33,8 @@ from typing import Any
 
 from tgrl_lib.env import read_env, scrub
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.mlops.tracking import current_tracking_uri, metric_key, mlflow_errors
+from tgrl_lib.mlops.tracking import metric_key, mlflow_errors
+from tgrl_lib.mlops.tracking_uri import current_tracking_uri
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
