@@ -133,13 +133,16 @@ def test_preset_files_are_the_released_layout_and_load_with_its_settings(preset_
     assert tied == preset.text["tie_word_embeddings"]
 
 
-def test_preset_build_is_deterministic_and_the_cli_writes_it(preset_dir, tmp_path):
+def test_preset_build_is_deterministic_and_the_cli_writes_it(preset_dir, tmp_path, capsys):
     from tgrl_lib.cli import main
 
     name = preset_dir.parent.name.rstrip("0123456789")
     assert main(["model", "init", "--preset", name, "--out", str(tmp_path / "cli"), "--seed", "0"]) == 0
     for path in sorted(preset_dir.iterdir()):
         assert (tmp_path / "cli" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert main(["model", "init", "--preset", name, "--out", str(tmp_path / "x"), "--image-size", "56"]) == 2
+    assert "--image-size applies to the tiny model only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_processor_settings_come_from_the_checkpoints_preprocessor_config(preset_dir, tmp_path):

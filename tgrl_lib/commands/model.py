@@ -33,12 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--out", required=True, help="output directory")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     init.add_argument(
-        "--image-size", type=int, default=56, help="tiny only: image side the processor resizes to (x28)"
+        "--image-size", type=int, help="tiny only: image side the processor resizes to (x28; default 56)"
     )
     init.add_argument(
         "--dtype",
         choices=("bfloat16", "float32"),
-        default="bfloat16",
         help="real-shape presets only: weight dtype (default bfloat16, as released)",
     )
     init.set_defaults(func=_init)
@@ -55,11 +54,18 @@ def _init(args: argparse.Namespace) -> int:
     if args.preset == "tiny":
         from tgrl_lib.models.tiny import build_tiny
 
-        build_tiny(out, seed=args.seed, image_size=args.image_size)
+        if args.dtype is not None:
+            raise TgrlError("--dtype applies to the real-shape presets; the tiny model is float32")
+        build_tiny(out, seed=args.seed, image_size=args.image_size or 56)
     else:
         from tgrl_lib.models.presets import build_preset
 
-        build_preset(args.preset, out, seed=args.seed, dtype=args.dtype)
+        if args.image_size is not None:
+            raise TgrlError(
+                f"--image-size applies to the tiny model only; {args.preset} resizes each image by its own "
+                "min/max pixels (preprocessor_config.json, as released)"
+            )
+        build_preset(args.preset, out, seed=args.seed, dtype=args.dtype or "bfloat16")
     n_params = _count_params(out)
     print(f"tgrl model init: {args.preset} model ({n_params:,} parameters) in {out}")
     return 0

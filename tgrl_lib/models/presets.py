@@ -12,7 +12,9 @@ like a downloaded Instruct checkpoint, so it goes through the same `load_policy`
 - the released special tokens in the released order (`<|endoftext|>`, `<|im_start|>`, ... `<|image_pad|>`,
   `<|video_pad|>`, and Qwen2.5-VL's `<tool_call>` ... `<|file_sep|>` as plain added tokens), the released
   chat template (`chat_template.json`), `generation_config.json` with the released stop ids (`<|im_end|>`,
-  `<|endoftext|>`) and sampling defaults;
+  `<|endoftext|>`) and near-greedy sampling defaults (repetition_penalty 1.05, top_k 1, top_p 0.001,
+  temperature 0.1 for Qwen2.5-VL; Qwen2-VL's temperature 0.01 is from memory, not checked against the
+  file): a backend that samples from such a checkpoint must override every one of them;
 - weights in bfloat16 as released (`dtype` switches to float32), safetensors.
 
 What is real: every dimension that fixes an interface or a code path: patch/merge/temporal sizes, the
