@@ -194,6 +194,26 @@ def test_prompts_are_refused_not_cut_when_too_long(policy, mixed):
         collate_sequences(policy.processor, prompts, images, [GOOD] * 3, max_prompt_tokens=longest - 1)
 
 
+def test_prefix_shared_logprobs_equal_the_full_forward_on_mixed_grids(policy, mixed):
+    """Each group's prompt encoded once, its KV cache and 3D (M-RoPE) positions continued per row: the
+    same log-probs as one full forward per row, for images of different grids in one batch."""
+    from tgrl_lib.models.logprobs import response_logprobs, shared_prefix_logprobs
+
+    prompts, images = mixed
+    rows = [0, 0, 1, 1, 2, 2]  # G = 2 responses per prompt
+    responses = [GOOD, "<answer>3</answer>", "<think>two</think><answer>2</answer>", GOOD, GOOD, "<answer>"]
+    seq = collate_sequences(
+        policy.processor, [prompts[r] for r in rows], [images[r] for r in rows], responses
+    )
+    assert seq.image_grid_thw.tolist() == [GRIDS[r] for r in rows]
+    with torch.no_grad():
+        full, _ = response_logprobs(policy.model, seq)
+        shared = shared_prefix_logprobs(policy.model, seq)
+    assert shared is not None  # the shared path applies (it returns None when it cannot)
+    mask = seq.response_mask.bool()
+    assert torch.allclose(shared[0][mask], full[mask], atol=1e-4), (shared[0][mask] - full[mask]).abs().max()
+
+
 def test_a_response_writing_image_pad_adds_no_image_tokens(policy, mixed):
     prompts, images = mixed
     seq = collate_sequences(policy.processor, prompts, images, ["<|image_pad|><|vision_start|>2"] * 3)

@@ -107,7 +107,7 @@ def check_prompt_tokens(
     counts = image_token_counts(processor, enc["input_ids"])  # [U]
     grid = enc.get("image_grid_thw")
     if grid is not None and images is not None:
-        merge = int(getattr(processor.image_processor, "merge_size", 2))
+        merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 2))
         expected = grid.prod(-1) // (merge * merge)  # [U]  vision features per image after the merge
         for i in torch.nonzero(counts != expected).flatten().tolist():
             width, height = images[rows[i]].size
