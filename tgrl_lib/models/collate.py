@@ -5,6 +5,12 @@
   Responses are tokenized on their own (never merged with the prompt's last token), with special-token
   text such as "<|image_pad|>" split into plain bytes, so a response can never add image tokens; a text
   response gets the closing <|im_end|>, token ids from `generate` are used as generated.
+
+Prompts are never truncated: image tokens can only be kept whole, and cutting the text of a chat prompt
+breaks its template. Both collations check each row's image tokens against its image's vision grid
+(`t*h*w / merge**2`, the features the vision tower returns for it), so a mismatch is a `TgrlError` naming
+the row instead of the model's "image features and image tokens do not match"; with `max_prompt_tokens`
+a longer prompt is refused with its count of image and text tokens (lower the processor's max_pixels).
 """
 
 from __future__ import annotations
@@ -79,16 +85,69 @@ def _check_images(processor: Any, prompts: Sequence[str], images: Sequence[Image
             )
 
 
-def collate_prompts(processor: Any, prompts: Sequence[str], images: Sequence[Image.Image] | None) -> Any:
-    """LEFT-padded model inputs (a `BatchFeature`) for `model.generate(**inputs)`; one image per prompt."""
+def image_token_counts(processor: Any, input_ids: Tensor) -> Tensor:
+    """Image tokens in each row of `input_ids` [B, T] (the processor's image token id). [B]"""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE_TOKEN))
+    return (input_ids == token_id).sum(-1)
+
+
+def check_prompt_tokens(
+    processor: Any,
+    enc: Any,
+    images: Sequence[Image.Image] | None,
+    rows: Sequence[int],
+    max_prompt_tokens: int | None = None,
+) -> None:
+    """Refuse collated prompts whose image tokens disagree with their images' vision grids, or that are
+    longer than `max_prompt_tokens` (image tokens are never cut). `rows[i]`: the caller's row of `enc`'s
+    row i (named in errors). One image per prompt, so grid row i belongs to prompt row i."""
+    counts = image_token_counts(processor, enc["input_ids"])  # [U]
+    grid = enc.get("image_grid_thw")
+    if grid is not None and images is not None:
+        merge = int(getattr(getattr(processor, "image_processor", None), "merge_size", 2))
+        expected = grid.prod(-1) // (merge * merge)  # [U]  vision features per image after the merge
+        for i in torch.nonzero(counts != expected).flatten().tolist():
+            width, height = images[rows[i]].size
+            raise TgrlError(
+                f"prompt {rows[i]} has {int(counts[i])} image tokens but its {width}x{height} image gives "
+                f"{int(expected[i])} vision features (grid {grid[i].tolist()}, merge {merge})",
+                hint="render the prompt with data.prompts.render_prompt and never truncate prompts",
+            )
+    if max_prompt_tokens is None:
+        return
+    lengths = enc["attention_mask"].sum(-1)  # [U]
+    for i in torch.nonzero(lengths > max_prompt_tokens).flatten().tolist():
+        n_image = int(counts[i])
+        raise TgrlError(
+            f"prompt {rows[i]} has {int(lengths[i])} tokens ({n_image} image tokens + "
+            f"{int(lengths[i]) - n_image} text), more than max_prompt_tokens={max_prompt_tokens}; prompts "
+            "are never truncated (a cut would drop image tokens or the chat template)",
+            hint="lower max_pixels in the model's preprocessor_config.json, shorten the question, or raise "
+            "max_prompt_tokens",
+        )
+
+
+def collate_prompts(
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image] | None,
+    max_prompt_tokens: int | None = None,
+) -> Any:
+    """LEFT-padded model inputs (a `BatchFeature`) for `model.generate(**inputs)`; one image per prompt.
+    Prompts longer than `max_prompt_tokens` are refused, never cut (see `check_prompt_tokens`)."""
     _check_images(processor, prompts, images)
-    return processor(
+    enc = processor(
         text=list(prompts),
         images=list(images) if images is not None else None,
         padding=True,
         padding_side="left",
         return_tensors="pt",
     )
+    check_prompt_tokens(processor, enc, images, range(len(prompts)), max_prompt_tokens)
+    return enc
 
 
 def _end_ids(tokenizer: Any) -> tuple[int, set[int]]:
@@ -129,11 +188,12 @@ def collate_sequences(
     images: Sequence[Image.Image] | None,
     responses: Sequence[str | Sequence[int]],
     max_response_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> SequenceBatch:
     """RIGHT-padded prompt + response sequences with `response_mask`, for log-probs and losses.
 
     `responses[i]` is text or token ids (see `response_token_ids`); `max_response_tokens` caps each
-    response's tokens, closing token included."""
+    response's tokens, closing token included. Prompts are never cut (see `check_prompt_tokens`)."""
     if len(responses) != len(prompts):
         raise TgrlError(f"{len(prompts)} prompts but {len(responses)} responses")
     _check_images(processor, prompts, images)
@@ -145,6 +205,7 @@ def collate_sequences(
         padding_side="right",
         return_tensors="pt",
     )
+    check_prompt_tokens(processor, enc, images, firsts, max_prompt_tokens)
     tokenizer = getattr(processor, "tokenizer", processor)
     response_ids = response_token_ids(tokenizer, responses, max_response_tokens)
     prompt_len = enc["attention_mask"].sum(-1)[source].tolist()  # [B]

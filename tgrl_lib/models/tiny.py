@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tgrl_lib.errors import TgrlError
@@ -68,8 +68,19 @@ def builtin_corpus() -> list[str]:
     return lines
 
 
-def train_tokenizer(corpus: Iterable[str] = (), vocab_size: int = TINY_VOCAB):
-    """A Qwen2 byte-level BPE tokenizer trained on `builtin_corpus() + corpus` (deterministic)."""
+def train_tokenizer(
+    corpus: Iterable[str] = (),
+    vocab_size: int = TINY_VOCAB,
+    *,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    added_tokens: Sequence[str] = (),
+    chat_template: str = CHAT_TEMPLATE,
+    model_max_length: int = 4096,
+):
+    """A Qwen2 byte-level BPE tokenizer trained on `builtin_corpus() + corpus` (deterministic).
+
+    `special_tokens` (the first is the pad token, all others are special too) and then `added_tokens`
+    (whole tokens, not special, e.g. Qwen2.5's `<tool_call>`) get the ids after the BPE entries, in order."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -84,7 +95,7 @@ def train_tokenizer(corpus: Iterable[str] = (), vocab_size: int = TINY_VOCAB):
     )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(special_tokens) - len(added_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -92,18 +103,20 @@ def train_tokenizer(corpus: Iterable[str] = (), vocab_size: int = TINY_VOCAB):
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     vocab = dict(state["vocab"])
-    for token in SPECIAL_TOKENS:  # special ids follow the BPE entries, in Qwen's order
+    for token in (*special_tokens, *added_tokens):  # ids follow the BPE entries, in Qwen's order
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
         eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        pad_token=special_tokens[0],
         unk_token=None,
-        model_max_length=4096,
+        model_max_length=model_max_length,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens[1:])})
+    if added_tokens:
+        tokenizer.add_tokens(list(added_tokens))
+    tokenizer.chat_template = chat_template
     if len(tokenizer) > vocab_size:
         raise TgrlError(f"tiny tokenizer has {len(tokenizer)} tokens, more than the vocabulary {vocab_size}")
     return tokenizer
