@@ -109,3 +109,11 @@ def test_train_temperature_must_be_positive():
             None, overrides=["train.sampling.temperature=0"]
         )  # greedy rollouts: every group one answer
     assert load_config(None, overrides=["train.sampling.temperature=0.7"]).train.sampling.temperature == 0.7
+
+
+def test_mixed_precision_no_survives_yaml():
+    """YAML 1.1 reads `no` as false: `--set train.mixed_precision=no` still means no mixed precision."""
+    assert load_config(None, overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, overrides=["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(TgrlError, match="mixed_precision"):
+        load_config(None, overrides=["train.mixed_precision=true"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # scheme://user:password@host: a recipe travels as a pipeline parameter and KFP prints it in step logs.
 _URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
@@ -300,6 +300,13 @@ class TrainConfig(StepConfig):
     keep_checkpoints: int = Field(2, ge=1, strict=True, description="Newest checkpoints kept.")
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest checkpoint.")
     format_reward: float = Field(0.1, ge=0.0, description="Reward added for a well-formed response.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return (
+            "no" if value is False else value
+        )  # YAML 1.1 reads a bare `no` (`--set mixed_precision=no`) as false
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

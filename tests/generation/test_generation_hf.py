@@ -88,3 +88,20 @@ def test_image_tokens_are_never_sampled(policy, inputs):
     out = backend.generate(*inputs, samples=2, temperature=1.0, max_new_tokens=8, seed=0)
     suppressed = set(non_response_token_ids(policy.tokenizer))
     assert all(not suppressed & set(c.token_ids) for g in out for c in g)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_checkpoints_repetition_penalty_does_not_change_what_is_sampled(policy, inputs, temperature):
+    """The loss scores pure temperature sampling: a released generation_config's repetition penalty (1.05 in
+    Qwen2.5-VL's) must not reach `generate`. A strong penalty changes transformers' own output (control)."""
+    plain = _fresh(policy).generate(*inputs, samples=2, temperature=temperature, max_new_tokens=24, seed=3)
+    penalised = _fresh(policy, repetition_penalty=50.0, no_repeat_ngram_size=1)
+    out = penalised.generate(*inputs, samples=2, temperature=temperature, max_new_tokens=24, seed=3)
+    assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in plain]
+    prompt = penalised.processor(text=inputs[0][:1], images=inputs[1][:1], return_tensors="pt")
+    with torch.no_grad():  # control: transformers applies the checkpoint's penalty when not overridden
+        raw = penalised.model.generate(**prompt, do_sample=False, max_new_tokens=24)
+        unpenalised = penalised.model.generate(
+            **prompt, do_sample=False, max_new_tokens=24, repetition_penalty=1.0, no_repeat_ngram_size=0
+        )
+    assert not torch.equal(raw, unpenalised)

@@ -255,7 +255,7 @@ def _train(preset_dir, datasets, out: Path, experts: Path | None, **overrides):
 
     settings = dict(
         model=str(preset_dir), output_dir=str(out), steps=2, problems_per_step=3, group_size=2,
-        minibatch_size=6, micro_batch_size=3, max_new_tokens=8, lr=1e-3, checkpoint_every=2,
+        minibatch_size=6, micro_batch_size=3, sampling={"max_new_tokens": 8}, lr=1e-3, checkpoint_every=2,
         keep_checkpoints=1, in_loop_filter={"max_tokens": 64},
     )  # fmt: skip
     config = TrainConfig(**(settings | overrides))
@@ -278,8 +278,8 @@ def test_the_loop_runs_on_the_preset_sft_grpo_tgrl_eval_serve(preset_dir, datase
     start = load_policy(preset_dir, dtype="float32").model.state_dict()
     trained = load_policy(tgrl.final_dir).model.state_dict()
     assert any(not torch.equal(start[k], trained[k]) for k in start)
-    results = evaluate(tgrl.final_dir, {"mixed": datasets / "problems"},
-                       EvalConfig(max_new_tokens=8, batch_size=3), tmp_path / "eval")  # fmt: skip
+    config = EvalConfig(sampling={"max_new_tokens": 8, "batch_size": 3})
+    results = evaluate(tgrl.final_dir, {"mixed": datasets / "problems"}, config, tmp_path / "eval")
     overall = results["benchmarks"]["mixed"]["overall"]
     assert overall["count"] == 3.0 and 0.0 <= overall["accuracy"] <= 1.0 and overall["length_mean"] > 0
     _serve_one_request(preset_dir)  # the bf16 weights, as released, generating on CPU
@@ -339,7 +339,7 @@ def _cli_sft(preset_dir, datasets, experts: Path, out: Path, precision: str) -> 
         "steps": 1,
         "problems_per_step": 3,
         "micro_batch_size": 3,
-        "max_new_tokens": 8,
+        "sampling.max_new_tokens": 8,
         "in_loop_filter.max_tokens": 64,
         "lr": 1e-3,
         "mixed_precision": f"'{precision}'",

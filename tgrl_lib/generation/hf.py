@@ -94,10 +94,14 @@ class HFBackend:
         inputs = collate_prompts(self.processor, prompts, images).to(device)
         greedy = temperature == 0  # one greedy completion per prompt, repeated `samples` times
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        # the distribution the loss scores: no penalty a checkpoint's generation_config may carry (the
+        # released Qwen2.5-VL ones set repetition_penalty 1.05)
+        pure = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
         with torch.no_grad():
             sequences = self.model.generate(
                 **inputs,
                 **({"do_sample": False} if greedy else sampling),
+                **pure,
                 num_return_sequences=1 if greedy else samples,
                 max_new_tokens=max_new,
                 eos_token_id=self.stop_ids,
