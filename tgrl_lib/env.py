@@ -2,33 +2,46 @@
 
 `read_env` is how every module reads a variable. Secrets (AWS keys, MLflow password, API keys) are only ever
 read here: `is_secret_key` names them by rule, `redact` hides their values in dicts before anything is
-logged, `scrub` removes the values of secret variables that are set from text.
+logged, `scrub` removes from text the values of secret variables that are set and URL passwords.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-# ------------------------------------------------------------------------------ environment, secrets
-SECRET_MARKERS = (
-    "secret",
-    "password",
-    "passwd",
-    "token",
-    "api_key",
-    "apikey",
-    "access_key",
-    "credential",
-    "private_key",
-    "auth",
+# A key is secret when one of its words (split on _ - . and camelCase) is a secret word, or two adjacent
+# words are a secret pair: `AWS_SECRET_ACCESS_KEY`, `hf_token`, `apiKey`, but not `max_new_tokens`,
+# `tokenizer`, `author`. A key naming where a secret is (`api_key_env`) is no secret itself.
+SECRET_WORDS = frozenset(
+    {
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "token",
+        "apikey",
+        "credential",
+        "credentials",
+        "auth",
+        "authorization",
+    }
 )
+SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key")})
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+_URL_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")
 
 
 def is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    return any(marker in lowered for marker in SECRET_MARKERS) and not lowered.endswith("_env")
+    words = [w.lower() for w in _WORD.findall(str(key))]
+    if words and words[-1] == "env":
+        return False
+    return any(w in SECRET_WORDS for w in words) or any(
+        pair in SECRET_PAIRS for pair in itertools.pairwise(words)
+    )
 
 
 def redact(data: Any) -> Any:
@@ -55,9 +68,11 @@ def secret_values() -> list[str]:
 
 
 def scrub(text: str) -> str:
+    """`text` without the values of secret env vars that are set, nor the password of a URL in it
+    (`postgresql://user:pw@host` -> `postgresql://user:***@host`)."""
     for value in secret_values():
         text = text.replace(value, "***")
-    return text
+    return _URL_CREDENTIALS.sub(r"\g<head>:***@", text)
 
 
 def default_tracking_uri(work_dir: str | Path = "runs") -> str:

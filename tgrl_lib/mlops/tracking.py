@@ -68,8 +68,9 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def config_hash(config: Any) -> str:
-    """sha256 of the redacted config as canonical JSON (equal configs, equal hashes)."""
-    canonical = json.dumps(redact(config_dict(config)), sort_keys=True, default=str, separators=(",", ":"))
+    """sha256 of the config as canonical JSON: equal configs, equal hashes, and any changed value (a secret
+    too) a different one. Only the digest leaves the process."""
+    canonical = json.dumps(config_dict(config), sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
