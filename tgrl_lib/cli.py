@@ -28,12 +28,23 @@ COMMAND_MODULES = (
 )
 
 
+def _version() -> str:
+    """The installed distribution's version (the checkout's own when run from source without install)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tgrl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tgrl",
         description="Trajectory-Guided RL for vision-language models: data, expert trajectories, filtering, "
         "training, evaluation and promotion, locally or as Kubeflow pipelines.",
     )
+    parser.add_argument("--version", action="version", version=f"tgrl {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -277,3 +277,13 @@ def test_service_account_token_is_sent_as_bearer(kfp_server, tmp_path, monkeypat
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(TgrlError, match="token file not found"):
         scheduling.connect(kfp_server.host)
+
+
+def test_cli_against_a_dead_host_is_a_one_line_error(kfp_server, capsys):
+    from servers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["schedule", "list", "--host", dead]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"KFP API {dead} is not reachable" in err and "Traceback" not in err
+    assert main(["schedule", "list", "--host", kfp_server.host]) == 0  # control: a live API lists

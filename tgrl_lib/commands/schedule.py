@@ -97,22 +97,25 @@ def _create_or_replace(args: argparse.Namespace) -> int:
         enabled=not args.disabled,
     )
     scheduling.validate_cron(spec.cron)  # fail before connecting
-    client = scheduling.connect(args.host, args.namespace)
-    if args.replace:
-        new, deleted = scheduling.replace_schedule(client, spec, args.namespace)
-        print(f"created recurring run {new.recurring_run_id} ({spec.name!r}, cron '{spec.cron}')")
+    with scheduling.api_errors(args.host):
+        client = scheduling.connect(args.host, args.namespace)
+        if args.replace:
+            new, deleted = scheduling.replace_schedule(client, spec, args.namespace)
+        else:
+            new, deleted = scheduling.create_schedule(client, spec, args.namespace), None
+    print(f"created recurring run {new.recurring_run_id} ({spec.name!r}, cron '{spec.cron}')")
+    if deleted is not None:
         print(f"deleted old: {', '.join(deleted) if deleted else 'none found'}")
-    else:
-        new = scheduling.create_schedule(client, spec, args.namespace)
-        print(f"created recurring run {new.recurring_run_id} ({spec.name!r}, cron '{spec.cron}')")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
     from tgrl_lib.mlops import scheduling
 
-    client = scheduling.connect(args.host, args.namespace)
-    for row in scheduling.list_schedules(client, args.name, args.namespace):
+    with scheduling.api_errors(args.host):
+        client = scheduling.connect(args.host, args.namespace)
+        rows = scheduling.list_schedules(client, args.name, args.namespace)
+    for row in rows:
         print(json.dumps(row, default=str))
     return 0
 
@@ -120,7 +123,8 @@ def _list(args: argparse.Namespace) -> int:
 def _delete(args: argparse.Namespace) -> int:
     from tgrl_lib.mlops import scheduling
 
-    client = scheduling.connect(args.host, args.namespace)
-    ids = scheduling.delete_schedules(client, args.name, args.recurring_run_id, args.namespace)
+    with scheduling.api_errors(args.host):
+        client = scheduling.connect(args.host, args.namespace)
+        ids = scheduling.delete_schedules(client, args.name, args.recurring_run_id, args.namespace)
     print(f"deleted recurring run(s): {', '.join(ids)}")
     return 0

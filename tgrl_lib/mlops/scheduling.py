@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,25 @@ class ScheduleSpec:
     description: str | None = None
     service_account: str | None = None
     enabled: bool = True
+
+
+@contextmanager
+def api_errors(host: str) -> Iterator[None]:
+    """A KFP API that cannot be reached or refuses a call is one `TgrlError` naming the host, not the
+    client's traceback (urllib3 retries, then the API client's exception)."""
+    from kfp_server_api.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except (HTTPError, ConnectionError, TimeoutError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise TgrlError(
+            f"KFP API {host} is not reachable: {str(reason).splitlines()[0][:300]}",
+            hint="check --host (in the cluster e.g. http://ml-pipeline.kubeflow:8888) and that KFP runs",
+        ) from None
+    except ApiException as err:
+        raise TgrlError(f"KFP API {host} refused the call: HTTP {err.status} {err.reason}") from None
 
 
 def connect(host: str, namespace: str | None = None, token_path: str | None = None):
