@@ -5,6 +5,7 @@ the weights of an uninterrupted 2-rank run; (c) logged metrics are the mean over
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -125,6 +126,19 @@ def _train_command(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path
                     "--experts", str(experts), "--out", str(out))  # fmt: skip
 
 
+def _kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks at once, by pid (the ranks run in sessions of their own)."""
+    import psutil
+
+    launch = psutil.Process(proc.pid)
+    ranks = launch.children(recursive=True)
+    for p in [launch, *ranks]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    psutil.wait_procs(ranks, timeout=30)
+
+
 def _rows(path: Path) -> dict[int, dict]:
     rows = {}
     for line in path.read_text().splitlines():
@@ -160,8 +174,7 @@ def test_two_rank_run_killed_and_resumed_matches_and_logs_the_mean_over_ranks(ti
     while not complete_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # inside step 2 (or its save)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    _kill_launch(proc)
     before = [s for s, _ in complete_checkpoints(killed)]
     assert before and before[-1] < 4 and not (killed / "final").exists(), before
 
