@@ -136,7 +136,8 @@ def test_launched_training_runs_two_ranks_under_accelerate_launch(tiny_model_dir
     experts = [Trajectory(problem_id=p.id, source="expert:oracle", text=oracle_response(p)) for p in problems]
     write_dataset(tmp_path / "experts", "trajectories", experts)
     config = {"algorithm": "tgrl", "model": str(tiny_model_dir), "steps": 2, "problems_per_step": 1,
-              "group_size": 2, "max_new_tokens": 8, "micro_batch_size": 2}  # fmt: skip
+              "group_size": 2, "max_new_tokens": 8, "micro_batch_size": 2,
+              "in_loop_filter": {"max_tokens": 64}}  # fmt: skip
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
     plan = launcher.LaunchPlan(nodes=1, gpus_per_node=2, strategy="ddp")
     out = launcher.launch_training(
