@@ -78,6 +78,23 @@ def test_launched_world_size_is_refused_when_not_an_integer(monkeypatch):
     assert distributed.launched_world_size() == 2
 
 
+def test_fsdp_refuses_what_would_hang_and_accepts_the_rest():
+    from tgrl_lib.config import TrainConfig
+    from tgrl_lib.errors import TgrlError
+
+    fsdp = SimpleNamespace(distributed_type="DistributedType.FSDP", num_processes=2)
+    distributed.check_supported(fsdp, TrainConfig(rollout_backend="vllm"))  # positive control
+    distributed.check_supported(fsdp, TrainConfig(algorithm="sft"))  # no rollouts at all
+    distributed.check_supported(SimpleNamespace(distributed_type="DistributedType.MULTI_CPU"), TrainConfig())
+    with pytest.raises(TgrlError, match="rollout_backend hf would hang"):
+        distributed.check_supported(fsdp, TrainConfig(rollout_backend="hf"))
+    with pytest.raises(TgrlError, match="min_logprob would hang"):
+        distributed.check_supported(
+            fsdp, TrainConfig(rollout_backend="vllm", in_loop_filter={"min_logprob": -5.0})
+        )
+    assert distributed.whole_state(SimpleNamespace(distributed_type="NO"), None, None) == (None, None)
+
+
 # ------------------------------------------------------------------------------------- (a) update
 @pytest.mark.slow
 @pytest.mark.timeout(900)

@@ -146,11 +146,13 @@ def save_checkpoint(
     config: dict[str, Any],
     keep: int,
     rng: dict[str, Any] | None = None,
+    whole: tuple[dict | None, dict | None] = (None, None),
 ) -> Path:
     """Write `step-N/` atomically (tmp dir, COMPLETE last, rename) and prune to the `keep` newest.
 
     `rng` is what `rng.pt` holds: this process's `rng_state()` by default; a multi-rank run passes every
-    rank's (`distributed.gather_rng_states`)."""
+    rank's (`distributed.gather_rng_states`). `whole` = (model, optimizer) state dicts gathered from FSDP
+    shards (`distributed.whole_state`), written instead of the model's and optimizer's own."""
     import torch
 
     from tgrl_lib.models.policy import save_policy
@@ -158,8 +160,13 @@ def save_checkpoint(
     final = step_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_policy(model, processor, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    model_state, optimizer_state = whole
+    if model_state is None:
+        save_policy(model, processor, tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     state = {"step": step, "cursor": cursor, "config": config}

@@ -18,9 +18,16 @@ the launcher's config) and averages gradients; the rest is here:
   rank to the smallest row count (whole groups, from the end) and skips the update on all ranks when that
   leaves nothing or row counts still differ.
 - Seeds: rollouts of rank r use `rank_seed` (the single-process seed when N = 1).
-- Metrics: `reduce_metrics` averages each key over the ranks that report it, before rank 0 logs.
+- Metrics: `reduce_metrics` averages each key over the ranks that report it, before rank 0 logs; each
+  rank also keeps its own unreduced rows in `output_dir/ranks/rank-<r>.jsonl` (`rank_logger`).
 - RNG state: `gather_rng_states` collects every rank's state for the checkpoint (rank 0 writes it once),
   `rank_rng_state` picks a rank's own on resume.
+- FSDP (FSDP2 through accelerate, GPU only): `whole_state` gathers the sharded weights and optimizer state
+  into whole tensors for rank 0's checkpoint (a collective: every rank calls it), `load_optimizer_state`
+  shards them back on resume, and `check_supported` refuses what would hang: every forward of an FSDP
+  model is a collective, so ranks must run the same number, which per-rank `hf` generation and the
+  in-loop likelihood filter (a forward per rank's expert candidates) do not. Not run here: this machine
+  has no GPUs, and accelerate uses DDP whenever it runs on CPU.
 
 Not global (our choice, stated): token weights are normalised to mean 1 per rank's batch, and
 `advantage_scale: batch` uses the rank's batch std; both equal the single-process values only on one rank.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tgrl_lib.env import read_env
@@ -152,6 +160,16 @@ class GlobalTotals:
         return loss * world, scaled
 
 
+def rank_logger(accelerator: Any, output_dir: Path) -> Any | None:
+    """With several ranks, `output_dir/ranks/rank-<r>.jsonl`: this rank's own metrics before the reduction
+    (diagnostics: imbalance, per-rank step times); None on one process."""
+    if _world(accelerator) == 1:
+        return None
+    from tgrl_lib.metrics_log import JsonlLogger
+
+    return JsonlLogger(output_dir / "ranks" / f"rank-{accelerator.process_index}.jsonl")
+
+
 def reduce_metrics(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
     """Each key's mean over the ranks that report it (every rank gets the same dict)."""
     if _world(accelerator) == 1:
@@ -183,3 +201,46 @@ def rank_rng_state(saved: dict[str, Any], rank: int, world: int) -> dict[str, An
     if len(ranks) != world:
         log.warning("checkpoint RNG state is from %d ranks, resuming on %d", len(ranks), world)
     return ranks[rank] if rank < len(ranks) else None
+
+
+# ------------------------------------------------------------------------------------------- FSDP
+def uses_fsdp(accelerator: Any) -> bool:
+    return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
+
+
+def check_supported(accelerator: Any, config: Any) -> None:
+    """Refuse settings whose forwards differ in number between ranks under FSDP (each one a collective)."""
+    if not uses_fsdp(accelerator):
+        return
+    if config.algorithm != "sft" and config.rollout_backend == "hf":
+        raise TgrlError(
+            "FSDP with rollout_backend hf would hang: each rank generates its own number of tokens",
+            hint="use train.rollout_backend: vllm, or launch with --train-strategy ddp",
+        )
+    if config.in_loop_filter.min_logprob is not None:
+        raise TgrlError(
+            "FSDP with train.in_loop_filter.min_logprob would hang: ranks score different numbers of experts",
+            hint="apply the likelihood filter before training (tgrl filter), or launch with ddp",
+        )
+
+
+def whole_state(accelerator: Any, model: Any, optimizer: Any) -> tuple[dict | None, dict | None]:
+    """(model, optimizer) state dicts with whole tensors on CPU under FSDP (None, None otherwise: the plain
+    state dicts are whole already). A collective: every rank calls it; rank 0 writes the result."""
+    if not uses_fsdp(accelerator):
+        return None, None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def load_optimizer_state(accelerator: Any, model: Any, optimizer: Any, state: dict) -> None:
+    """Restore a checkpoint's optimizer state (whole tensors), sharding it again under FSDP."""
+    if not uses_fsdp(accelerator):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(model, inner, state, options=StateDictOptions(full_state_dict=True))

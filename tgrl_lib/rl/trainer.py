@@ -114,10 +114,7 @@ def train(
     main = acc.is_main_process  # only the main process writes metrics and the final model
     jsonl = JsonlLogger(output_dir / "metrics.jsonl") if main else None
     sink = FanoutLogger(*[x for x in (jsonl, logger) if x is not None and main])
-    # with several ranks each keeps its own unreduced metrics beside the reduced ones (diagnostics)
-    own = None
-    if acc.num_processes > 1:
-        own = JsonlLogger(output_dir / "ranks" / f"rank-{acc.process_index}.jsonl")
+    own = distributed.rank_logger(acc, output_dir)  # several ranks: each one's own unreduced metrics
     metrics: dict[str, float] = {}
     try:
         if run.pool is not None and resume is None:
@@ -222,6 +219,7 @@ def setup(
             hint="pass --experts DIR (a dataset from tgrl generate / tgrl filter), or use algorithm grpo",
         )
     accelerator = distributed.make_accelerator(config.mixed_precision)
+    distributed.check_supported(accelerator, config)
     dataset = _load(problems_dir, "problems")
     start = resume.path if resume is not None else config.model
     policy = load_policy(start, dtype="float32", trust_remote_code=config.trust_remote_code)
@@ -315,7 +313,7 @@ ROLLOUT_BACKENDS: dict[str, Callable[[Run, Path], Any]] = {"hf": _hf_backend, "v
 
 def _restore(run: Run, state: TrainingState) -> None:
     tensors = state.tensors()
-    run.optimizer.load_state_dict(tensors["optimizer"])
+    distributed.load_optimizer_state(run.accelerator, run.model, run.optimizer, tensors["optimizer"])
     run.scheduler.load_state_dict(tensors["scheduler"])
     run.cursor.load_state_dict(state.cursor)
     acc = run.accelerator
@@ -328,6 +326,7 @@ def _restore(run: Run, state: TrainingState) -> None:
 def save(run: Run) -> None:
     """Checkpoint the run (main process writes, with every rank's RNG state; every process waits for it)."""
     rng = distributed.gather_rng_states(run.accelerator, rng_state())
+    whole = distributed.whole_state(run.accelerator, run.model, run.optimizer)  # FSDP: gathered shards
     if not run.accelerator.is_main_process:
         run.accelerator.wait_for_everyone()
         return
@@ -342,6 +341,7 @@ def save(run: Run) -> None:
         config=run.config.model_dump(mode="json"),
         keep=run.config.keep_checkpoints,
         rng=rng,
+        whole=whole,
     )
     run.accelerator.wait_for_everyone()
 
