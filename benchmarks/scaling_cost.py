@@ -1,7 +1,7 @@
 """A cost model of one TGRL step for the 3B / 7B recipes on 8xH100 and on several nodes: memory per GPU,
 rollout / training / visual-dependency / weight-sync time, step time and GPU-hours. Computed, not measured.
 
-    .venv/bin/python benchmarks/scaling_cost.py                  # writes results/scaling_cost.{json,md}
+    .venv/bin/python benchmarks/scaling_cost.py      # results/scaling_cost.{json,md} + docs/scaling.md
     .venv/bin/python benchmarks/scaling_cost.py --mfu 0.25 --decode-tokens-per-s 1500   # other assumptions
 
 Everything comes from the ASSUMPTIONS below (each stated with why) and from the recipes
@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
+BEGIN, END = "<!-- scaling_cost.py: begin -->", "<!-- scaling_cost.py: end -->"
 GB = 1e9
 
 
@@ -258,7 +260,7 @@ def render(result: dict, command: str) -> str:
         "",
         f"Written by `{command}` (benchmarks/scaling_cost.py). Assumptions:",
         "",
-        *[f"- `{k}` = {v}" for k, v in a.items()],
+        *[f"- `{k}` = {v:g}" if isinstance(v, float) else f"- `{k}` = {v}" for k, v in a.items()],
         "",
         "## Memory per GPU (GB), FSDP full shard",
         "",
@@ -304,6 +306,7 @@ def main() -> None:
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
         parser.add_argument("--" + key.replace("_", "-"), type=kind, default=value)
     parser.add_argument("--out", default=str(RESULTS / "scaling_cost"), help="path stem of .json / .md")
+    parser.add_argument("--docs", default=str(DOCS), help="page whose generated block to rewrite ('' = none)")
     args = parser.parse_args()
     a = Assumptions(**{k: getattr(args, k) for k in asdict(defaults)})
     result = run(a)
@@ -313,7 +316,20 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result | {"command": command}, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(result, command))
+    if args.docs:
+        update_docs(Path(args.docs), render(result, command))
     print(render(result, command))
+
+
+def update_docs(page: Path, table: str) -> None:
+    """Replace the text between the page's BEGIN / END markers with the freshly rendered tables."""
+    text = page.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{page}: no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    body = table.split("\n", 2)[2].replace("\n## ", "\n### ")  # without the title, one level down
+    page.write_text(f"{head}{BEGIN}\n{body}{END}{tail}", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python tests/schemas/make_trainjob_schema.py trainer.kubeflow.org_trainjobs.yaml
 
-Source: github.com/kubeflow/trainer (Apache-2.0), manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml.
+Source: github.com/kubeflow/trainer (Apache-2.0), manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml
+at commit 8c0f5059bd51ec3ba6d6a6a7b2e1471de7bc13b3 (2026-08-21).
 Kept: the `v1alpha1` openAPIV3Schema. Changed: descriptions dropped (size), and every object that lists
 its `properties` without `additionalProperties` refuses unknown keys, as the API server's strict field
 validation does (`kubectl apply --validate=strict`). CEL rules (`x-kubernetes-validations`) are not
@@ -21,9 +22,9 @@ import yaml
 def strict(node):
     if isinstance(node, dict):
         out = {k: strict(v) for k, v in node.items() if k != "description"}
-        if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out:
-            if not out.get("x-kubernetes-preserve-unknown-fields"):
-                out["additionalProperties"] = False
+        closed = out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
+        if closed and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
         return out
     if isinstance(node, list):
         return [strict(v) for v in node]

@@ -22,12 +22,13 @@ the launcher's config) and averages gradients; the rest is here:
   rank also keeps its own unreduced rows in `output_dir/ranks/rank-<r>.jsonl` (`rank_logger`).
 - RNG state: `gather_rng_states` collects every rank's state for the checkpoint (rank 0 writes it once),
   `rank_rng_state` picks a rank's own on resume.
-- FSDP (FSDP2 through accelerate, GPU only): `whole_state` gathers the sharded weights and optimizer state
-  into whole tensors for rank 0's checkpoint (a collective: every rank calls it), `load_optimizer_state`
-  shards them back on resume, and `check_supported` refuses what would hang: every forward of an FSDP
-  model is a collective, so ranks must run the same number, which per-rank `hf` generation and the
-  in-loop likelihood filter (a forward per rank's expert candidates) do not. Not run here: this machine
-  has no GPUs, and accelerate uses DDP whenever it runs on CPU.
+- FSDP (FSDP2 through accelerate, GPU only): `whole_state` gathers the sharded weights and optimizer
+  state into whole tensors for rank 0's checkpoint (a collective: every rank calls it),
+  `load_optimizer_state` shards them back on resume, `whole_tensors` streams whole weights into each
+  rank's vLLM engine, and `check_supported` refuses what would hang: every forward of an FSDP model is a
+  collective, so ranks must run the same number, which per-rank `hf` generation and the in-loop
+  likelihood filter (a forward per rank's expert candidates) do not. Not run here: this machine has no
+  GPUs, and accelerate uses DDP whenever it runs on CPU.
 
 Not global (our choice, stated): token weights are normalised to mean 1 per rank's batch, and
 `advantage_scale: batch` uses the rank's batch std; both equal the single-process values only on one rank.
@@ -233,6 +234,17 @@ def whole_state(accelerator: Any, model: Any, optimizer: Any) -> tuple[dict | No
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def whole_tensors(accelerator: Any, model: Any) -> Any:
+    """(name, tensor) of the model's weights for a generator's weight sync: under FSDP each sharded tensor
+    is gathered when the consumer reaches it (a collective per tensor, the same order on every rank), so
+    every rank's colocated engine gets whole weights. (`VLLMBackend.load_weights` lists them first: a whole
+    fp32 copy per GPU for the length of the sync.)"""
+    items = model.state_dict().items()
+    if not uses_fsdp(accelerator):
+        return iter(items)
+    return ((k, v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in items)
 
 
 def load_optimizer_state(accelerator: Any, model: Any, optimizer: Any, state: dict) -> None:

@@ -416,7 +416,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     t_update = time.perf_counter()
     # 9. sync the generator's weights (no-op when it shares the model)
     if run.backend is not None:
-        sync_weights(run.backend, run.policy.state_dict().items())
+        sync_weights(run.backend, distributed.whole_tensors(run.accelerator, run.policy))
     # 10. metrics
     if advantages is not None and bool(batch.expert_mask.any()):
         metrics["expert/advantage_mean"] = float(batch.advantages[batch.expert_mask].mean())
