@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -127,25 +128,66 @@ def test_a_bad_launch_plan_is_refused_in_one_line(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_launched_training_runs_two_ranks_under_accelerate_launch(tiny_model_dir, tmp_path, monkeypatch):
-    from tgrl_lib.data.schema import Trajectory, load_dataset, write_dataset
-    from tgrl_lib.data.synthetic import synthesize
-    from tgrl_lib.generation.oracle import oracle_response
-
-    synthesize(tmp_path / "problems", n=4, seed=0, split="train", difficulties=["easy"])
-    problems = load_dataset(tmp_path / "problems", "problems").records
-    experts = [Trajectory(problem_id=p.id, source="expert:oracle", text=oracle_response(p)) for p in problems]
-    write_dataset(tmp_path / "experts", "trajectories", experts)
+    problems, experts = _tiny_data(tmp_path)
     config = {"algorithm": "tgrl", "model": str(tiny_model_dir), "steps": 2, "problems_per_step": 1,
               "group_size": 2, "max_new_tokens": 8, "micro_batch_size": 2,
               "in_loop_filter": {"max_tokens": 64}}  # fmt: skip
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
     plan = launcher.LaunchPlan(nodes=1, gpus_per_node=2, strategy="ddp")
-    out = launcher.launch_training(
-        plan, config, str(tmp_path / "problems"), str(tmp_path / "experts"), tmp_path / "work", "run-1"
-    )
+    out = launcher.launch_training(plan, config, str(problems), str(experts), tmp_path / "work", "run-1")
     logged: list[tuple[int, dict]] = []
     result = launcher.launched_result(out, 2, type("L", (), {"log": lambda s, m, k: logged.append((k, m))})())
     assert (result.final_dir / "model.safetensors").is_file() and result.steps_done == 2
     assert [k for k, _ in logged] == [0, 1, 2] and "reward/mean" in result.metrics
     assert sorted(p.name for p in (out / "ranks").iterdir()) == ["rank-0.jsonl", "rank-1.jsonl"]
     assert os.environ.get("WORLD_SIZE") is None  # the ranks ran in children, not here
+
+
+def _tiny_data(root: Path) -> tuple[Path, Path]:
+    from tgrl_lib.data.schema import Trajectory, load_dataset, write_dataset
+    from tgrl_lib.data.synthetic import synthesize
+    from tgrl_lib.generation.oracle import oracle_response
+
+    synthesize(root / "problems", n=4, seed=0, split="train", difficulties=["easy"])
+    problems = load_dataset(root / "problems", "problems").records
+    experts = [Trajectory(problem_id=p.id, source="expert:oracle", text=oracle_response(p)) for p in problems]
+    write_dataset(root / "experts", "trajectories", experts)
+    return root / "problems", root / "experts"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_node_trainjob_command_trains_when_each_node_runs_it(tiny_model_dir, tmp_path, monkeypatch):
+    """The controller's part played locally: validate the manifest, then start its `trainer.command` once
+    per node with the PET_* variables the torch runtime sets (2 nodes x 1 process, gloo on CPU)."""
+    import subprocess
+
+    from servers import free_port
+
+    problems, experts = _tiny_data(tmp_path)
+    port, repo = free_port(), str(Path(__file__).resolve().parents[2])
+    submitted = []
+
+    def controller(manifest: dict, plan: launcher.LaunchPlan) -> None:
+        assert _errors(manifest) == []
+        trainer = manifest["spec"]["trainer"]
+        env = {**os.environ, **{e["name"]: e["value"] for e in trainer["env"]}, "PYTHONPATH": repo}
+        env |= {"PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+                "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}  # fmt: skip
+        command = [sys.executable, "-m", "torch.distributed.run", *trainer["command"][1:]]
+        nodes = [subprocess.Popen(command, env={**env, "PET_NODE_RANK": str(r)}) for r in range(2)]
+        assert [n.wait(timeout=600) for n in nodes] == [0, 0]
+        submitted.append(manifest)
+
+    monkeypatch.setattr(launcher, "submit_and_wait", controller)
+    plan = launcher.LaunchPlan(nodes=2, gpus_per_node=1, strategy="ddp", image=CUDA_IMAGE,
+                               mount_path=str(tmp_path / "shared"))  # fmt: skip
+    config = {"algorithm": "tgrl", "model": str(tiny_model_dir), "steps": 2, "problems_per_step": 1,
+              "group_size": 2, "max_new_tokens": 8, "micro_batch_size": 2,
+              "in_loop_filter": {"max_tokens": 64}}  # fmt: skip
+    out = launcher.launch_training(plan, config, str(problems), str(experts), tmp_path / "work", "run-7")
+    assert out.parent == tmp_path / "shared" / launcher.trainjob_name("run-7")
+    assert (out.parent / "inputs" / "model" / "model.safetensors").is_file()  # inputs copied to the volume
+    result = launcher.launched_result(out, 2)
+    assert (result.final_dir / "model.safetensors").is_file() and len(submitted) == 1
+    assert sorted(p.name for p in (out / "ranks").iterdir()) == ["rank-0.jsonl", "rank-1.jsonl"]

@@ -216,13 +216,15 @@ def _write_config(path: Path, train_config: dict[str, Any]) -> Path:
 
 
 def _copy_in(source: str, target: Path) -> str:
-    """A local copy of an input directory (S3 URIs stay URIs: every node fetches them itself)."""
+    """A copy of an input directory on the shared volume (an s3:// one fetched first: the nodes get no
+    credentials); kept across retries of the task."""
     import shutil
 
-    if "://" in source:
-        return source
+    from tgrl_lib.store.artifacts import localize
+
     if not target.exists():
-        shutil.copytree(source, target)
+        shutil.copytree(localize(source), target.with_name(target.name + ".tmp"), dirs_exist_ok=True)
+        os.replace(target.with_name(target.name + ".tmp"), target)  # whole or absent
     return str(target)
 
 
