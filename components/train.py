@@ -1,4 +1,6 @@
-"""KFP component: RL training, sft | grpo | tgrl in one loop (`tgrl_lib.steps.train`)."""
+"""KFP component: RL training, sft | grpo | tgrl in one loop (`tgrl_lib.steps.train`). Compiled for several
+GPUs or nodes, the step launches the loop itself (`accelerate launch`, or a Kubeflow TrainJob): see
+`pipelines/placement.py` and `tgrl_lib/rl/launcher.py`."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output

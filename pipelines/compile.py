@@ -1,4 +1,5 @@
-"""Compile the pipelines to KFP IR YAML: `tgrl pipeline compile --out DIR [--profile gpu] [--image REF]`.
+"""Compile the pipelines to KFP IR YAML: `tgrl pipeline compile --out DIR [--profile gpu] [--image REF]
+[--train-gpus N] [--train-nodes M]`.
 
 `PIPELINES` maps each pipeline's Python name to its factory; a factory takes a `Placement` (profile and
 images), so the same graph compiles for CPU or GPU node pools and for digest-pinned images. Imports:
@@ -27,11 +28,21 @@ def make_placement(
     cuda_image: str | None = None,
     train_gpus: int = 1,
     require_digest: bool = False,
+    train_nodes: int = 1,
+    train_strategy: str = "fsdp",
 ) -> Placement:
-    """A validated `Placement`; `image`/`cuda_image` default to `components/images.py`."""
+    """A validated `Placement`; `image`/`cuda_image` default to `components/images.py`. `train_gpus` is
+    per node; more than one GPU or node launches one training process per GPU (`placement.py`)."""
     image = check_image_ref(image or TGRL_IMAGE, require_digest=require_digest)
     cuda_image = check_image_ref(cuda_image or TGRL_CUDA_IMAGE, require_digest=require_digest)
-    return Placement(profile=profile, image=image, cuda_image=cuda_image, train_gpus=train_gpus)
+    return Placement(
+        profile=profile,
+        image=image,
+        cuda_image=cuda_image,
+        train_gpus=train_gpus,
+        train_nodes=train_nodes,
+        train_strategy=train_strategy,
+    )
 
 
 def build(name: str, placement: Placement | None = None):

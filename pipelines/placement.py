@@ -7,6 +7,12 @@ One profile per kind of cluster node pool, chosen at compile time (`tgrl pipelin
   accelerator, a large memory request and a memory-backed `/dev/shm` (vLLM and NCCL need more than the
   64 MiB a container gets by default); data preparation and registry steps stay on CPU.
 
+Training on several GPUs (`--train-gpus N`, gpu profile) puts a launch plan on the train task
+(`TGRL_TRAIN_LAUNCH`, read by `tgrl_lib.rl.launcher`): one node runs `accelerate launch` with one process per
+GPU inside the task; several nodes (`--train-nodes M`) make the task a light CPU pod that submits a Kubeflow
+Trainer `TrainJob` (torch-distributed runtime, the CUDA image, N GPUs per node) and waits for it, with the
+ReadWriteMany volume `TRAIN_VOLUME` mounted on the task and every node for inputs and checkpoints.
+
 Credentials never enter the pipeline spec: every task reads them from Kubernetes Secrets as environment
 variables (kfp-kubernetes `use_secret_as_env`). `MLFLOW_SECRET` is required (every step logs to MLflow);
 `S3_SECRET` is optional (without it, outputs stay in KFP's own artifact store). Caching is off: a cached
@@ -18,13 +24,18 @@ Imports: stdlib and kfp only.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 from tgrl_lib.kfp_components.images import TGRL_CUDA_IMAGE, TGRL_IMAGE
 
 PROFILES = ("cpu", "gpu")
+STRATEGIES = ("fsdp", "ddp")
 ACCELERATOR = "nvidia.com/gpu"
+LAUNCH_ENV = "TGRL_TRAIN_LAUNCH"  # the launch plan (JSON of tgrl_lib.rl.launcher.LaunchPlan)
+TRAIN_VOLUME = "tgrl-train"  # ReadWriteMany PVC shared by the train task and the TrainJob nodes
+TRAIN_MOUNT = "/mnt/tgrl-train"
 
 MLFLOW_SECRET = "tgrl-mlflow"
 MLFLOW_KEYS = {  # Secret data key -> env var of the task
@@ -79,20 +90,41 @@ class Placement:
     profile: str = "cpu"
     image: str = TGRL_IMAGE
     cuda_image: str = TGRL_CUDA_IMAGE
-    train_gpus: int = 1
+    train_gpus: int = 1  # per node
+    train_nodes: int = 1
+    train_strategy: str = "fsdp"
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}: choose one of {', '.join(PROFILES)}")
-        if self.train_gpus < 1:
-            raise ValueError("train_gpus must be at least 1")
+        if self.train_gpus < 1 or self.train_nodes < 1:
+            raise ValueError("train_gpus and train_nodes must be at least 1")
+        if self.train_nodes > 1 and self.profile != "gpu":
+            raise ValueError("train_nodes > 1 needs --profile gpu (the nodes train on GPUs)")
+        if self.train_strategy not in STRATEGIES:
+            raise ValueError(f"unknown train strategy {self.train_strategy!r}: use {', '.join(STRATEGIES)}")
 
     def resources(self, step: str) -> Resources:
         table = _GPU if self.profile == "gpu" else _CPU
         res = table[step]
+        if step == "train" and self.train_nodes > 1:  # the task only submits the TrainJob and waits
+            return Resources("1", "4Gi")
         if step == "train" and res.gpus:
             res = Resources(res.cpu, res.memory, gpus=self.train_gpus, shm=res.shm)
         return res
+
+    def launch_plan(self) -> dict | None:
+        """The train task's launch plan (None: one process, trained in the task itself)."""
+        if self.profile != "gpu" or self.train_gpus * self.train_nodes == 1:
+            return None
+        return {
+            "nodes": self.train_nodes,
+            "gpus_per_node": self.train_gpus,
+            "strategy": self.train_strategy,
+            "image": self.cuda_image,
+            "shared_volume": TRAIN_VOLUME,
+            "mount_path": TRAIN_MOUNT,
+        }
 
     def apply(self, task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
         """Set image, requests, accelerator, /dev/shm, caching and secrets of `task` (step `step`)."""
@@ -105,6 +137,11 @@ class Placement:
             kubernetes.empty_dir_mount(
                 task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=res.shm
             )
+        plan = self.launch_plan() if step == "train" else None
+        if plan is not None:
+            task.set_env_variable(LAUNCH_ENV, json.dumps(plan, sort_keys=True))
+        if plan is not None and plan["nodes"] > 1:
+            kubernetes.mount_pvc(task, pvc_name=TRAIN_VOLUME, mount_path=TRAIN_MOUNT)
         task.set_caching_options(enable_caching=False)
         kubernetes.use_secret_as_env(task, MLFLOW_SECRET, MLFLOW_KEYS, optional=False)
         kubernetes.use_secret_as_env(task, S3_SECRET, S3_KEYS, optional=True)

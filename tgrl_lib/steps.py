@@ -266,9 +266,12 @@ def train(
     """Train from the initial model (`tgrl_lib.rl.trainer.train`); the final checkpoint lands in `out_dir`.
 
     `algorithm` ("" = the recipe's) overrides `train.algorithm`; grpo ignores `experts_dir`. Intermediate
-    checkpoints stay in a scratch directory: only the final model is a pipeline artifact.
+    checkpoints stay in a scratch directory: only the final model is a pipeline artifact. When the compiled
+    task carries a launch plan of several processes (`tgrl_lib.rl.launcher`: GPU profile, `--train-gpus`,
+    `--train-nodes`), the loop runs under `accelerate launch` or as a Kubeflow TrainJob instead of here.
     """
     from tgrl_lib.progress import step_printer
+    from tgrl_lib.rl.launcher import launch_training, launched_result, plan_from_env
     from tgrl_lib.rl.trainer import train as run_training
 
     cfg = load_recipe(config)
@@ -282,15 +285,22 @@ def train(
         except ValueError as err:
             raise TgrlError(f"invalid train override: {err}") from None
         experts = experts_dir if experts_dir and tcfg.algorithm != "grpo" else None
+        plan = plan_from_env()
         with step_run(cfg, pipeline_run_id, "train") as run:
             run.log_config(tcfg, section="train")
-            result = run_training(
-                tcfg,
-                problems_dir=problems_dir,
-                experts_dir=experts,
-                logger=run.metrics_logger(),
-                on_step=step_printer(tcfg.steps, prefix="train step"),
-            )
+            if plan is not None and plan.processes > 1:
+                config, work = tcfg.model_dump(mode="json"), Path(scratch)
+                launched = launch_training(plan, config, problems_dir, experts, work, pipeline_run_id)
+                result = launched_result(launched, tcfg.steps, run.metrics_logger())
+                scratch = str(launched)  # where its metrics.jsonl is
+            else:
+                result = run_training(
+                    tcfg,
+                    problems_dir=problems_dir,
+                    experts_dir=experts,
+                    logger=run.metrics_logger(),
+                    on_step=step_printer(tcfg.steps, prefix="train step"),
+                )
             _move_into(Path(result.final_dir), out_dir)
             out = {"steps_done": float(result.steps_done)}
             out.update({k: v for k, v in numbers(result.metrics).items() if k not in out})

@@ -63,7 +63,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     comp.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="Resource profile.")
     comp.add_argument("--image", help="CPU image reference for every CPU task.")
     comp.add_argument("--cuda-image", help="CUDA image reference for GPU tasks (gpu profile).")
-    comp.add_argument("--train-gpus", type=int, default=1, help="GPUs of the train task (gpu profile).")
+    comp.add_argument(
+        "--train-gpus",
+        type=int,
+        default=1,
+        help="GPUs per train node (gpu profile); more than 1 runs one training process per GPU.",
+    )
+    comp.add_argument(
+        "--train-nodes",
+        type=int,
+        default=1,
+        help="Train nodes (gpu profile); more than 1 runs a Kubeflow Trainer TrainJob (torch-distributed "
+        "runtime) with a ReadWriteMany PVC 'tgrl-train' shared by the nodes.",
+    )
+    comp.add_argument(
+        "--train-strategy",
+        choices=("fsdp", "ddp"),
+        default="fsdp",
+        help="Multi-GPU training: fsdp (FSDP2: weights and optimizer sharded) or ddp (a copy per GPU).",
+    )
     comp.add_argument("--require-digest", action="store_true", help="Refuse images not pinned by digest.")
     comp.add_argument(
         "--pipeline", action="append", choices=PIPELINE_NAMES, help="Compile only this one (repeatable)."
@@ -93,7 +111,13 @@ def _compile(args: argparse.Namespace) -> int:
 
     try:
         placement = make_placement(
-            args.profile, args.image, args.cuda_image, args.train_gpus, require_digest=args.require_digest
+            args.profile,
+            args.image,
+            args.cuda_image,
+            args.train_gpus,
+            require_digest=args.require_digest,
+            train_nodes=args.train_nodes,
+            train_strategy=args.train_strategy,
         )
     except ValueError as err:
         raise TgrlError(str(err)) from None

@@ -3,7 +3,7 @@
 Layout of `output_dir`::
 
     step-000020/   model.safetensors, config.json, processor files   (a loadable HF directory)
-                   optimizer.pt, scheduler.pt, rng.pt                 (torch.save; loaded weights_only=True)
+                   optimizer.pt, scheduler.pt, rng.pt (every rank's)  (torch.save; loaded weights_only=True)
                    trainer_state.json                                (step, data cursor, config)
                    COMPLETE                                          (written last)
     final/         the last model (weights + processor), loadable by `models.load_policy`
@@ -15,7 +15,9 @@ removed on the next save). Only the `keep` newest complete checkpoints stay.
 
 Bit-identical resume needs every random draw to replay: the trainer derives its sampling seeds from
 (seed, step), the data order from (seed, epoch) plus the cursor saved here, and the global RNGs (python,
-numpy, torch, CUDA) are saved and restored for anything else that draws from them.
+numpy, torch, CUDA) are saved and restored for anything else that draws from them. A run on several ranks
+writes each checkpoint once (rank 0), with every rank's RNG state in `rng.pt` as
+`{"world_size": N, "ranks": [state_0, ...]}`; each rank restores its own (`tgrl_lib.rl.distributed`).
 """
 
 from __future__ import annotations
@@ -143,8 +145,14 @@ def save_checkpoint(
     cursor: dict[str, int],
     config: dict[str, Any],
     keep: int,
+    rng: dict[str, Any] | None = None,
+    whole: tuple[dict | None, dict | None] = (None, None),
 ) -> Path:
-    """Write `step-N/` atomically (tmp dir, COMPLETE last, rename) and prune to the `keep` newest."""
+    """Write `step-N/` atomically (tmp dir, COMPLETE last, rename) and prune to the `keep` newest.
+
+    `rng` is what `rng.pt` holds: this process's `rng_state()` by default; a multi-rank run passes every
+    rank's (`distributed.gather_rng_states`). `whole` = (model, optimizer) state dicts gathered from FSDP
+    shards (`distributed.whole_state`), written instead of the model's and optimizer's own."""
     import torch
 
     from tgrl_lib.models.policy import save_policy
@@ -152,10 +160,15 @@ def save_checkpoint(
     final = step_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_policy(model, processor, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    model_state, optimizer_state = whole
+    if model_state is None:
+        save_policy(model, processor, tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     state = {"step": step, "cursor": cursor, "config": config}
     (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _fsync_dir_files(tmp)

@@ -9,8 +9,10 @@ orders them and owns the run's state.
 
 The algorithms differ only in data and objective: grpo never injects experts (TGRL with `n_expert=0`),
 sft has no rollouts and trains with `losses.sft_loss` on expert trajectories (`mixing.n_expert` per
-problem). Devices and mixed precision come from `accelerate`, so `accelerate launch` runs the same code on
-several GPUs (generation with the hf backend then runs per rank on its own problems).
+problem). Devices and mixed precision come from `accelerate`, so `accelerate launch` / `torchrun` runs the
+same code on several processes; what each rank draws, how the update stays the global-batch update, and what
+is reduced before logging are in `tgrl_lib.rl.distributed` (generation with the hf backend then runs per
+rank on its own problems).
 """
 
 from __future__ import annotations
@@ -26,17 +28,19 @@ from typing import Any
 from tgrl_lib.config import TrainConfig, flatten
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.metrics_log import FanoutLogger, JsonlLogger, MetricsLogger
+from tgrl_lib.rl import distributed
 from tgrl_lib.rl.checkpoint import (
     TrainingState,
     latest_checkpoint,
     load_training_state,
     prune,
     publish_final,
+    rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from tgrl_lib.rl.mixing import ExpertPool, add_experts, drop_zero_variance
-from tgrl_lib.rl.rollout import DataCursor, Group, derived_seed, make_groups, rollout, rollout_stats, score
+from tgrl_lib.rl.rollout import DataCursor, Group, make_groups, rollout, rollout_stats, score
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +112,20 @@ def train(
     if resume is not None and resume.step >= config.steps:
         return _already_complete(config, output_dir, resume)
     run = setup(config, problems_dir, experts_dir, resume)
-    main = run.accelerator.is_main_process  # only the main process writes metrics and the final model
+    acc = run.accelerator
+    main = acc.is_main_process  # only the main process writes metrics and the final model
     jsonl = JsonlLogger(output_dir / "metrics.jsonl") if main else None
     sink = FanoutLogger(*[x for x in (jsonl, logger) if x is not None and main])
+    own = distributed.rank_logger(acc, output_dir)  # several ranks: each one's own unreduced metrics
     metrics: dict[str, float] = {}
     try:
         if run.pool is not None and resume is None:
             sink.log(run.pool.stats(), 0)
         for step in range(run.step + 1, config.steps + 1):
-            metrics = train_step(run, step)
+            local = train_step(run, step)
+            if own is not None:
+                own.log(local, step)
+            metrics = distributed.reduce_metrics(acc, local)  # mean over ranks, logged once by the main one
             run.step = step
             sink.log(metrics, step)
             if step % config.checkpoint_every == 0 or step == config.steps:  # 11. checkpoint
@@ -124,8 +133,9 @@ def train(
             if on_step is not None:
                 on_step(step, metrics)
     finally:
-        if jsonl is not None:
-            jsonl.close()
+        for handle in (jsonl, own):
+            if handle is not None:
+                handle.close()
     final = output_dir / "final"
     if main:
         publish_final(latest_checkpoint(output_dir), output_dir)
@@ -170,9 +180,10 @@ def resume_state(config: TrainConfig, output_dir: Path) -> TrainingState | None:
 
 def _already_complete(config: TrainConfig, output_dir: Path, state: TrainingState) -> TrainResult:
     final = output_dir / "final"
-    if not final.is_dir():  # killed between the last checkpoint and publishing
-        final = publish_final(state.path, output_dir)
-    prune(output_dir, config.keep_checkpoints)  # killed before the last save pruned the older ones
+    if distributed.launched_rank() == 0:  # one writer when launched on several ranks
+        if not final.is_dir():  # killed between the last checkpoint and publishing
+            final = publish_final(state.path, output_dir)
+        prune(output_dir, config.keep_checkpoints)  # killed before the last save pruned the older ones
     message = (
         f"nothing to train: the run in {output_dir} is already complete ({state.step} of {config.steps} "
         f"steps); final model in {final} (raise train.steps to continue, or use a new output_dir)"
@@ -190,7 +201,6 @@ def setup(
 ) -> Run:
     """Load data, policy, optimizer, experts and the rollout backend; restore a checkpoint's state."""
     import torch
-    from accelerate import Accelerator
 
     from tgrl_lib.generation.base import non_response_token_ids
     from tgrl_lib.generation.factory import make_backend
@@ -202,7 +212,8 @@ def setup(
             f"algorithm {config.algorithm} needs expert trajectories",
             hint="pass --experts DIR (a dataset from tgrl generate / tgrl filter), or use algorithm grpo",
         )
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = distributed.make_accelerator(config.mixed_precision)
+    distributed.check_supported(accelerator, config)
     dataset = _load(problems_dir, "problems")
     start = resume.path if resume is not None else config.model
     trust_remote_code = config.backend.trust_remote_code
@@ -223,7 +234,7 @@ def setup(
         scheduler=scheduler,
         dataset=dataset,
         cursor=DataCursor(len(dataset.records), config.seed),
-        objective=OBJECTIVES[config.algorithm](config),
+        objective=distributed.GlobalTotals(OBJECTIVES[config.algorithm](config), accelerator),
         max_response_tokens=max(config.sampling.max_new_tokens, budget),
         forbidden_ids=frozenset(non_response_token_ids(policy.tokenizer)),
     )
@@ -278,15 +289,20 @@ def _expert_pool(
 
 def _restore(run: Run, state: TrainingState) -> None:
     tensors = state.tensors()
-    run.optimizer.load_state_dict(tensors["optimizer"])
+    distributed.load_optimizer_state(run.accelerator, run.model, run.optimizer, tensors["optimizer"])
     run.scheduler.load_state_dict(tensors["scheduler"])
     run.cursor.load_state_dict(state.cursor)
-    set_rng_state(tensors["rng"])
+    acc = run.accelerator
+    own = distributed.rank_rng_state(tensors["rng"], acc.process_index, acc.num_processes)
+    if own is not None:
+        set_rng_state(own)
     run.step = state.step
 
 
 def save(run: Run) -> None:
-    """Checkpoint the run (main process writes; every process waits for it)."""
+    """Checkpoint the run (main process writes, with every rank's RNG state; every process waits for it)."""
+    rng = distributed.gather_rng_states(run.accelerator, rng_state())
+    whole = distributed.whole_state(run.accelerator, run.model, run.optimizer)  # FSDP: gathered shards
     if not run.accelerator.is_main_process:
         run.accelerator.wait_for_everyone()
         return
@@ -300,6 +316,8 @@ def save(run: Run) -> None:
         cursor=run.cursor.state_dict(),
         config=run.config.model_dump(mode="json"),
         keep=run.config.keep_checkpoints,
+        rng=rng,
+        whole=whole,
     )
     run.accelerator.wait_for_everyone()
 
@@ -316,10 +334,11 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     cfg, t0 = run.config, time.perf_counter()
     # 1. sample problems (seeded cursor, reshuffled every epoch)
     acc = run.accelerator  # every process draws the same indices and keeps its own share
-    drawn = run.cursor.take(cfg.problems_per_step * acc.num_processes)
-    problems = [run.dataset.records[i] for i in drawn[acc.process_index :: acc.num_processes]]
+    rank, world = acc.process_index, acc.num_processes
+    drawn = run.cursor.take(cfg.problems_per_step * world)
+    problems = [run.dataset.records[i] for i in distributed.shard(drawn, rank, world)]
     groups = make_groups(run.dataset, problems, run.processor)
-    # 2. rollout: G responses per problem, sampled with a seed derived from (seed, step)
+    # 2. rollout: G responses per problem, sampled with a seed derived from (seed, step, rank)
     generated = 0
     if run.backend is not None:
         generated = rollout(
@@ -328,7 +347,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             samples=cfg.group_size,
             temperature=cfg.sampling.temperature,
             max_new_tokens=cfg.sampling.max_new_tokens,
-            seed=derived_seed(cfg.seed, "rollout", step),
+            seed=distributed.rank_seed(cfg.seed, "rollout", step, rank, world),
             forbidden_ids=run.forbidden_ids,
         )
     t_rollout = time.perf_counter()
@@ -352,7 +371,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         groups, dropped = drop_zero_variance(groups)
         metrics["groups/dropped_zero_variance"] = float(dropped)
     groups = [g for g in groups if g.samples]  # sft: problems without an eligible expert
-    if not groups:
+    groups, unbalanced, balanced = distributed.balance(acc, groups)  # same rows per rank: DDP passes match
+    if world > 1:
+        metrics["groups/dropped_rank_balance"] = float(unbalanced)
+    if not balanced:
         return metrics | _perf(t0, t_rollout, t_rollout, generated, 0) | {"update/skipped": 1.0}
     # 6. advantages over the mixed group: r - mean(group) [/ std]
     advantages = None
@@ -370,7 +392,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     t_update = time.perf_counter()
     # 9. sync the generator's weights (no-op when it shares the model)
     if run.backend is not None:
-        sync_weights(run.backend, run.policy.state_dict().items())
+        sync_weights(run.backend, distributed.whole_tensors(run.accelerator, run.policy))
     # 10. metrics
     if advantages is not None and bool(batch.expert_mask.any()):
         metrics["expert/advantage_mean"] = float(batch.advantages[batch.expert_mask].mean())
