@@ -1,5 +1,5 @@
 """The README's main job at a smaller size: `tgrl pipeline run --local` runs the whole TGRL pipeline with
-kfp.local, registers a model version in the local MLflow and leaves the eval report in `results/`.
+kfp.local, registers a model version in the local MLflow and leaves the eval report in `results/latest/`.
 The full run happens twice: `[sqlite]` on the embedded default (a SQLite file in the work dir) and
 `[postgres]` as deployed (a fresh `mlflow server` on a fresh PostgreSQL database, conftest
 `fresh_mlflow_server`)."""
@@ -67,7 +67,7 @@ def test_local_pipeline_registers_a_version_and_writes_the_report(
     assert main(argv) == 0
     out = capsys.readouterr().out
 
-    results = work / "results"
+    results = work / "results" / "latest"
     registered = json.loads((results / "registered.json").read_text())
     assert registered["version"] >= 1 and registered["model_uri"].startswith("models:/")
     assert (results / "eval" / "results.json").is_file() and (results / "eval" / "report.md").is_file()

@@ -146,7 +146,7 @@ def test_no_secret_reaches_logs_reports_files_or_mlflow(tmp_path, record_propert
     (tmp_path / "pipeline.stdout").write_bytes(done.stdout)
     (tmp_path / "pipeline.stderr").write_bytes(done.stderr)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
-    assert (work / "results" / "registered.json").is_file()  # the whole pipeline ran
+    assert (work / "results" / "latest" / "registered.json").is_file()  # the whole pipeline ran
 
     leaks = leaks_in_bytes(done.stdout, "stdout") + leaks_in_bytes(done.stderr, "stderr")
     file_leaks, scanned = leaks_in_files(tmp_path)  # logs, reports, results, KFP outputs, mlflow.db

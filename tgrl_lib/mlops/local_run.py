@@ -6,20 +6,31 @@ settings (GPUs, secrets) are ignored. MLflow is a SQLite file in the work dir wi
 unless the recipe names a tracking server.
 
 Layout of `WORK_DIR`: `mlflow.db` and `mlartifacts/` (MLflow), `kfp/<pipeline>-<time>/<task>/...` (every
-task's outputs, kept), `results/` (a copy of the latest run's report, eval results, checkpoint and
-registered version). kfp.local deletes its workspace after a run, so it gets a fresh temporary
+task's outputs, kept), `results/<pipeline>-<time>/` (a copy of that run's report, eval results, checkpoint
+and registered version; `results/latest` points at the newest), `logs/<pipeline>-<time>.log` (everything
+the steps and kfp printed). kfp.local deletes its workspace after a run, so it gets a fresh temporary
 directory of its own and never a path that holds data.
+
+The console shows one line per step as it starts and ends, the trainer's step lines and the summary; the
+executor's JSON, kfp's warnings and library logs go to the log file, whose last lines are shown when a
+step fails.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tgrl_lib.config import PipelineConfig
 from tgrl_lib.errors import TgrlError
@@ -36,18 +47,26 @@ class LocalRunResult:
     tracking_uri: str
     registered: dict[str, Any]
     wall_s: float
+    log: Path | None = None
+    scores: dict[str, dict[str, float]] | None = None  # benchmark -> its overall eval metrics
 
     def summary(self) -> str:
         reg = self.registered
         alias = "promoted to @champion" if reg.get("promoted") else "not promoted"
-        lines = [
-            f"tgrl pipeline finished in {self.wall_s:.0f} s",
+        lines = [f"tgrl pipeline finished in {self.wall_s:.0f} s"]
+        for name, m in (self.scores or {}).items():
+            shown = [f"accuracy {m.get('accuracy', float('nan')):.3f}"]
+            shown += [f"{k} {m[k]:.3f}" for k in ("grounding", "evidence_use", "format_rate") if k in m]
+            lines.append(f"  {name:<13} {', '.join(shown)} ({int(m.get('count', 0))} held-out problems)")
+        lines += [
             f"  eval report   {self.report}",
             f"  checkpoint    {self.checkpoint}",
             f"  registered    {reg.get('model_uri', '?')} ({alias}: {reg.get('reason', '')})",
             f"  all results   {self.results_dir}",
             f"  MLflow        {self.tracking_uri}",
         ]
+        if self.log is not None:
+            lines.append(f"  step log      {self.log}")
         if self.tracking_uri.startswith("sqlite:"):
             lines.append(f"  browse        mlflow ui --backend-store-uri {self.tracking_uri}")
         else:
@@ -76,7 +95,7 @@ def run_local(
     base_model: str | None = None,
     echo=print,
 ) -> LocalRunResult:
-    """Run `pipeline` locally with the recipe `config`, copy its results to `work_dir/results/`, print
+    """Run `pipeline` locally with the recipe `config`, copy its results to `work_dir/results/<run>/`, print
     where they are."""
     started = time.perf_counter()
     work = Path(work_dir).resolve()
@@ -91,7 +110,10 @@ def run_local(
         base_model = cfg.train.model if Path(cfg.train.model).is_dir() else "tiny"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"))
     pipeline_fn = build(pipeline)
-    with warnings.catch_warnings():
+    run_name = f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log = work / "logs" / f"{run_name}.log"
+    echo(f"tgrl pipeline {pipeline}: recipe {cfg.name}, steps log to {log}")
+    with warnings.catch_warnings(), output_into(log, echo):
         # kfp warns that our image name lacks "python"; the subprocess runs this interpreter, not the image
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         try:
@@ -99,19 +121,117 @@ def run_local(
         except RuntimeError as err:
             raise TgrlError(
                 f"local pipeline failed: {err}",
-                hint=f"the failing step's log is above; task outputs so far are under {work / 'kfp'}",
+                hint=f"the step log is {log} (its end is above); task outputs so far are in {work / 'kfp'}",
             ) from err
-    result = collect_results(task.outputs, work / "results", cfg.tracking.tracking_uri, started)
+    result = collect_results(task.outputs, work / "results" / run_name, cfg.tracking.tracking_uri, started)
+    result.log = log
     echo(result.summary())
     return result
+
+
+# ------------------------------------------------------------------------------------ console output
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STARTED = re.compile(r"Executing task '([^']+)'")
+_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_STEP_LINE = re.compile(r"^\s*(train step \d+/\d+.*)$")
+
+
+def progress_line(line: str, started: dict[str, float], now: float) -> str | None:
+    """The console's line for one line of the step log, or None: a step starting or ending (with its
+    time), or a trainer step line."""
+    line = _ANSI.sub("", line.rstrip("\n"))
+    if match := _STARTED.search(line):
+        started[match.group(1)] = now
+        return f"  {match.group(1)} ..."
+    if match := _FINISHED.search(line):
+        took = now - started.get(match.group(1), now)
+        return f"  {match.group(1)} {match.group(2).lower()} ({took:.0f} s)"
+    if match := _STEP_LINE.match(line):
+        return f"    {match.group(1)}"
+    return None
+
+
+@dataclass
+class _Console:
+    echo: Callable[[str], None]
+    log: Path
+    failed: bool = False
+
+
+@contextmanager
+def output_into(log: Path, echo: Callable[[str], Any]) -> Iterator[_Console]:
+    """Send this process's stdout/stderr (file descriptors, so the steps' subprocesses too) to `log`; a
+    thread follows the log and echoes `progress_line`s to the console. On failure the log's end is shown."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    console_out, restore = _console_stream()
+    say = echo if echo is not print else (lambda text: print(text, file=console_out, flush=True))
+    state, stop = _Console(say, log), threading.Event()
+    with open(log, "ab", buffering=0) as sink:
+        saved = [os.dup(1), os.dup(2)]
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        streams = sys.stdout, sys.stderr  # Python-level writers that are not fd 1/2 (a test's capture)
+        sys.stdout = sys.stderr = text = open(log, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+        follower = threading.Thread(target=_follow, args=(log, say, stop), daemon=True)
+        follower.start()
+        try:
+            yield state
+        except BaseException:
+            state.failed = True
+            raise
+        finally:
+            sys.stdout, sys.stderr = streams
+            text.close()
+            for stream in streams:
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            stop.set()
+            follower.join(timeout=5)
+            if state.failed:
+                tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+                say("\n".join(["  last lines of the step log:", *(f"  | {_ANSI.sub('', t)}" for t in tail)]))
+            restore()
+
+
+def _console_stream() -> tuple[TextIO, Callable[[], None]]:
+    """A stream to the console that survives redirecting fd 1: a duplicate of it when sys.stdout is fd 1,
+    else sys.stdout itself (a test's capture)."""
+    try:
+        if sys.stdout.fileno() == 1:
+            stream = os.fdopen(os.dup(1), "w", buffering=1)
+            return stream, stream.close
+    except (AttributeError, OSError, ValueError):
+        pass
+    return sys.stdout, lambda: None
+
+
+def _follow(log: Path, say: Callable[[str], None], stop: threading.Event) -> None:
+    started: dict[str, float] = {}
+    with open(log, encoding="utf-8", errors="replace") as source:
+        source.seek(0, os.SEEK_END)
+        while True:
+            line = source.readline()
+            if line:
+                if shown := progress_line(line, started, time.monotonic()):
+                    say(shown)
+                continue
+            if stop.is_set():
+                return
+            time.sleep(0.2)
 
 
 def collect_results(
     outputs: dict[str, Any], results_dir: Path, tracking_uri: str, started: float
 ) -> LocalRunResult:
-    """Copy the pipeline's outputs (report, eval results, checkpoint, registration) to `results_dir`."""
+    """Copy the pipeline's outputs (report, eval results, checkpoint, registration) to `results_dir` (one
+    per run) and point `results_dir.parent / "latest"` at it."""
     if results_dir.exists():
-        shutil.rmtree(results_dir)
+        raise TgrlError("results directory exists already", path=results_dir, hint="wait a second and rerun")
     results_dir.mkdir(parents=True)
     eval_dir = _copy(outputs["eval_results"].path, results_dir / "eval")
     report_html = _copy(outputs["report"].path, results_dir / "report.html")
@@ -122,7 +242,14 @@ def collect_results(
     registered["promoted"] = bool(outputs["promoted"])
     (results_dir / "registered.json").write_text(json.dumps(registered, indent=2, sort_keys=True) + "\n")
     report = eval_dir / "report.md" if (eval_dir / "report.md").is_file() else report_html
+    latest = results_dir.parent / "latest"
+    staged = results_dir.parent / f".latest-{os.getpid()}"
+    staged.unlink(missing_ok=True)
+    staged.symlink_to(results_dir.name)
+    staged.replace(latest)  # atomic: a reader sees the old run or the new one
+    scores = _overall_scores(eval_dir / "results.json")
     return LocalRunResult(
+        scores=scores,
         results_dir=results_dir,
         report=report,
         checkpoint=checkpoint,
@@ -130,6 +257,14 @@ def collect_results(
         registered=registered,
         wall_s=time.perf_counter() - started,
     )
+
+
+def _overall_scores(results_json: Path) -> dict[str, dict[str, float]]:
+    """`{benchmark: overall metrics}` of an evaluation's results.json ({} when there is none)."""
+    if not results_json.is_file():
+        return {}
+    payload = json.loads(results_json.read_text(encoding="utf-8"))
+    return {name: dict(b.get("overall", {})) for name, b in payload.get("benchmarks", {}).items()}
 
 
 def _copy(src: str | Path, dst: Path) -> Path:
