@@ -26,7 +26,7 @@ from tgrl_lib.generation.base import Completion, non_response_token_ids
 
 
 class HFBackend:
-    """`GenerationBackend` over a transformers model and its processor (e.g. a `models.Policy`)."""
+    """`GenerationBackend` over a transformers model and its processor (e.g. a `models.policy.Policy`)."""
 
     name = "hf"
 

@@ -106,7 +106,7 @@ def _choices(row: dict[str, Any]) -> list[str] | None:
 
 
 def generate_answers(policy: Any, rows: list[dict[str, Any]], max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers of `policy` (`models.Policy`) to `[{"question", "image", "choices"?}]` with the
+    """Greedy answers of `policy` (`models.policy.Policy`) to `[{"question", "image", "choices"?}]` with the
     training prompt (system prompt, lettered choices), batched by the hf backend (greedy batched answers
     equal one-at-a-time ones: tests/evaluation/test_evaluate.py). Rows with and without an image go in
     separate batches."""

@@ -6,7 +6,7 @@ Layout of `output_dir`::
                    optimizer.pt, scheduler.pt, rng.pt (every rank's)  (torch.save; loaded weights_only=True)
                    trainer_state.json                                (step, data cursor, config)
                    COMPLETE                                          (written last)
-    final/         the last model (weights + processor), loadable by `models.load_policy`
+    final/         the last model (weights + processor), loadable by `models.policy.load_policy`
     metrics.jsonl
 
 A checkpoint is written into `step-N.tmp/`, `COMPLETE` is written last, and only then is the directory

@@ -59,7 +59,7 @@ def wants_experts(config: TrainConfig, group: Group) -> bool:
 class TrainResult:
     """What `train` leaves behind."""
 
-    final_dir: Path  # output_dir/final: the trained model, loadable by models.load_policy
+    final_dir: Path  # output_dir/final: the trained model, loadable by models.policy.load_policy
     steps_done: int  # the run's step count on return (== config.steps)
     metrics: dict[str, float]  # the last step's metrics ({} when no step ran in this call)
     resumed_from: int = 0  # step of the checkpoint this call continued from (0 = fresh start)
