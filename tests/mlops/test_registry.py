@@ -13,7 +13,8 @@ import pytest
 
 from tgrl_lib.cli import main as tgrl
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.mlops.registry import download_model, load_champion, promote, register_checkpoint
+from tgrl_lib.mlops.promotion import promote
+from tgrl_lib.mlops.registry import download_model, load_champion, register_checkpoint
 
 
 def fake_checkpoint(root: Path, seed: int = 0) -> Path:
