@@ -268,6 +268,41 @@ def test_stalled_connections_are_bounded_and_closed(tiny_model_dir):
         trickle.close()
 
 
+def test_the_listen_backlog_holds_100_connections_made_before_the_server_accepts(tiny_model_dir):
+    """The kernel completes a handshake only while the accept queue has room (a full queue drops the SYN:
+    the client waits for a retransmit, seconds later, or is reset). With socketserver's backlog of 5 the
+    seventh connect here hung; with the real backlog all 100 connect at once and all are answered."""
+    from tgrl_lib.generation.serve import make_server
+
+    server = make_server(tiny_model_dir, "127.0.0.1", 0, served_name="tiny")  # listening, not accepting
+    port, thread, socks = port_of(server), None, []
+    try:
+        body = json.dumps(ask()).encode()
+        for _ in range(100):
+            started = time.monotonic()
+            sock = socket.create_connection(("127.0.0.1", port), timeout=3)
+            socks.append(sock)
+            assert time.monotonic() - started < 0.5, f"connect {len(socks)} waited: the backlog is full"
+            sock.sendall(headers_for(str(len(body))) + body)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        statuses = []
+        for sock in socks:
+            sock.settimeout(60)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            statuses.append(int(answer.split()[1]))
+        # all answered: served, or told to come back (the queue holds 64 requests)
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 64, statuses
+    finally:
+        for sock in socks:
+            sock.close()
+        if thread is not None:
+            server.shutdown()
+        server.server_close()
+
+
 def test_a_burst_of_50_concurrent_clients_sees_no_reset(tiny_model_dir):
     with running(tiny_model_dir) as server:
         port = port_of(server)

@@ -246,7 +246,8 @@ class ModelServer:
 
         messages, images = self._messages(messages)
         budget = self.context - max_tokens
-        chars = sum(len(p["text"]) if isinstance(p, dict) else len(p) for m in messages for p in _parts(m))
+        texts = _texts(messages)
+        chars = sum(map(len, texts))
         if chars > budget * CHARS_PER_TOKEN_CAP:
             raise RequestError(
                 400,
@@ -254,7 +255,6 @@ class ModelServer:
                 f"tokens with max_tokens {max_tokens}",
                 code="context_length_exceeded",
             )
-        texts = [p["text"] if isinstance(p, dict) else p for m in messages for p in _parts(m)]
         special = next((t for t in self._special if any(t in text for text in texts)), None)
         if special is not None:
             raise RequestError(400, f"message text must not contain the special token {special!r}")
@@ -344,9 +344,14 @@ class ModelServer:
         raise RequestError(400, "content parts must be {type: text} or {type: image_url}")
 
 
-def _parts(message: dict[str, Any]) -> list[Any]:
-    content = message["content"]
-    return [content] if isinstance(content, str) else [p for p in content if p.get("type") == "text"]
+def _texts(messages: list[dict[str, Any]]) -> list[str]:
+    """Every text of checked messages (string contents and `text` parts)."""
+    texts = []
+    for message in messages:
+        content = message["content"]
+        parts = [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+        texts.extend(parts)
+    return texts
 
 
 def _device() -> str | None:
