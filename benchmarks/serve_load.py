@@ -137,6 +137,11 @@ def served_tree() -> str:
     return f"{root} at {commit.stdout.strip() or 'unknown commit'}"
 
 
+def _with_path(data: dict) -> str:
+    path = data.get("pythonpath")
+    return f"PYTHONPATH={path} {data['command']}" if path else data["command"]
+
+
 def _num(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -160,7 +165,7 @@ def render(data: dict) -> str:
         [
             "# `tgrl serve` under load (benchmarks/serve_load.py)",
             "",
-            f"Command: `{data['command']}`; machine: {data['machine']['platform']}, "
+            f"Command: `{_with_path(data)}`; machine: {data['machine']['platform']}, "
             f"{data['machine']['cpu_cores']} cores ({data['machine']['device']}), shared with other jobs "
             f"(load average {data['load_average_start']} at start, {data['load_average_end']} at end); "
             f"duration {data['duration_s']:.0f} s; served tree: {data['served_tree']}.",
@@ -208,6 +213,7 @@ def main(argv: list[str]) -> int:
             server.wait(timeout=30)
     data = {
         "command": command_line("benchmarks/serve_load.py", argv),
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
         "machine": machine(),
         "versions": versions(),
         "load_average_start": load_start,
