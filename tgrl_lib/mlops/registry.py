@@ -1,4 +1,4 @@
-"""Model registry: checkpoints as MLflow model versions, eval metrics as version tags, a promotion gate.
+"""Model registry: checkpoints as MLflow model versions, eval metrics as version tags, artifact checks.
 
 - `register_checkpoint` logs the checkpoint as the artifacts of a pyfunc model (so
   `mlflow.pyfunc.load_model("models:/NAME@champion")` answers questions with it) and registers a version
