@@ -247,7 +247,7 @@ def promote(
     client, version = registry_client(tracking_uri), str(version)
     with mlflow_errors(f"reading {model_name!r} v{version} from the registry"):
         candidate = client.get_model_version(model_name, version)
-        client.get_registered_model(model_name)
+        current = _alias(client, model_name)
     cand = metrics_from_tags(candidate.tags, primary)
     evidence: dict[str, Any] = {
         "primary": metric_key(primary),
@@ -256,7 +256,7 @@ def promote(
         "candidate": {"version": version, "per_benchmark": cand, "mean": _mean(cand)},
     }
     broken = None
-    if cand:  # verified outside the lock: a download can take long
+    if cand and current != version:  # verified outside the lock: a download can take long
         try:
             verify_version(model_name, version, checksums=checksums, tracking_uri=tracking_uri)
         except TgrlError as err:
