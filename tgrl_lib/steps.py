@@ -353,13 +353,14 @@ def register_and_promote(
     model_name: str = "",
     name_suffix: str = "",
 ) -> dict[str, Any]:
-    """Register the checkpoint with its eval metrics and run the promotion gate (`tgrl_lib.mlops.registry`).
+    """Register the checkpoint with its eval metrics and run the promotion gate (`tgrl_lib.mlops.promotion`).
 
     Name: `model_name`, else `promote.model_name + name_suffix`. Writes `registered.json` (name, version,
     URI, decision, reason) to `registered_dir` and returns the same dict.
     """
     from tgrl_lib.evaluation.run import flat_metrics
-    from tgrl_lib.mlops.registry import promote, register_checkpoint
+    from tgrl_lib.mlops.promotion import promote
+    from tgrl_lib.mlops.registry import register_checkpoint
 
     cfg = load_recipe(config)
     name = model_name or cfg.promote.model_name + name_suffix

@@ -349,7 +349,8 @@ def test_eval_logged_registered_gated_and_champion_answers_like_the_checkpoint(
 
     from tgrl_lib.config import TrackingConfig
     from tgrl_lib.data.synthetic import synthesize
-    from tgrl_lib.mlops.registry import generate_answers, load_champion, promote, register_checkpoint
+    from tgrl_lib.mlops.promotion import promote
+    from tgrl_lib.mlops.registry import generate_answers, load_champion, register_checkpoint
     from tgrl_lib.mlops.tracking import Tracker
     from tgrl_lib.models.policy import load_policy
     from tgrl_lib.store.s3 import s3_client

@@ -1,15 +1,13 @@
 """The `openai` expert backend against real HTTP servers on 127.0.0.1: `tgrl serve` over the tiny model
 (same samples as the local hf backend with the same seed), and a scripted stdlib server for the failure
 cases (500 then success, 429 with Retry-After, a server slower than the timeout, 401, dropped
-connections). The API key goes out as a Bearer header and never shows up in errors or logs."""
+connections). The API key goes out as a Bearer header and never shows up in errors or logs. The server's
+own tests (bad requests, limits, `tgrl serve` with a key) are in test_serve.py."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -252,52 +250,3 @@ def test_generate_through_the_server_matches_the_local_backend(served, problems,
         got = sorted((t for t in written if t.problem_id == problem.id), key=lambda t: t.meta["sample"])
         assert [t.text for t in got] == [c.text for c in expected[0]]
         assert [t.meta["finish_reason"] for t in got] == [c.finish_reason for c in expected[0]]
-
-
-def test_server_refuses_bad_requests(served):
-    client = ChatClient(served, max_retries=0)
-    assert client.get("/models")["data"][0]["id"] == "tiny"
-    good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    assert len(client.post("/chat/completions", good | {"n": 2})["choices"]) == 2
-
-    def image(url):
-        return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": url}]}]}
-
-    cases = [
-        ({"model": "other"}, "HTTP 404"),
-        ({"n": 0}, "`n` must be a number"),
-        ({"max_tokens": 10**6}, "`max_tokens` must be a number"),
-        ({"messages": "hi"}, "`messages` must be a non-empty list"),
-        (image({"url": "http://x/y.png"}), "base64 data URL"),
-        (image("data:image/png;base64,!!"), "invalid base64"),
-        (image("data:image/png;base64,AAAA"), "not a readable image"),
-    ]
-    for change, message in cases:
-        with pytest.raises(TgrlError, match=message):
-            client.post("/chat/completions", good | change)
-
-
-def test_tgrl_serve_command_requires_the_bearer_key(tiny_model_dir, problems, tmp_path):
-    env = {**os.environ, KEY_ENV: KEY, "TGRL_PROGRESS": "0"}
-    command = [sys.executable, "-m", "tgrl_lib.cli", "serve", "--model", str(tiny_model_dir), "--port", "0"]
-    command += ["--served-model-name", "tiny", "--api-key-env", KEY_ENV]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()
-        assert "tgrl serve: model 'tiny' at http://127.0.0.1:" in line, process.stderr.read()
-        url = line.split(" at ")[1].split()[0]
-        with pytest.raises(TgrlError, match="HTTP 401"):
-            ChatClient(url, max_retries=0).get("/models")
-        run = subprocess.run(
-            [sys.executable, "-m", "tgrl_lib.cli", "generate", "--problems", str(problems), "--out",
-             str(tmp_path / "traj"), "--expert", "openai", "--model", "tiny", "--base-url", url,
-             "--max-new-tokens", "8", "--set", f"backend.openai.api_key_env={KEY_ENV}"],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        assert "4 trajectories for 4 problems" in run.stdout
-        assert KEY not in run.stdout + run.stderr
-    finally:
-        process.terminate()
-        _, server_log = process.communicate(timeout=30)
-    assert KEY not in server_log and "POST /v1/chat/completions" in server_log

@@ -14,7 +14,8 @@ import pytest
 
 from tgrl_lib.cli import main as tgrl
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.mlops.registry import download_model, load_champion, promote, register_checkpoint
+from tgrl_lib.mlops.promotion import promote
+from tgrl_lib.mlops.registry import download_model, load_champion, register_checkpoint
 
 pytestmark = pytest.mark.mlflow_backends  # server tests: [sqlite] and [postgres]
 

@@ -1,7 +1,8 @@
 """`tgrl promote` (the promotion gate) and `tgrl register` (a checkpoint as a model version).
 
 Exit codes: 0 when the gate ran, whether or not it promoted (read the printed decision, or `--json`);
-2 on errors (unknown model or version, unreachable tracking server, bad metrics file).
+2 on errors (unknown model or version, unreachable tracking server, bad metrics file, a margin that is not
+a finite number, another promote holding the model's promotion lock for longer than the wait).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Compare a registered version's eval tags (eval.<benchmark>.<metric>) with the champion's and "
             "move alias `champion` only when the mean primary metric over shared benchmarks improves by "
-            "more than --margin and no benchmark drops by more than --max-regression. The decision and "
+            "more than --margin and no benchmark drops by more than --max-regression. The version's "
+            "artifacts are verified first (listed, downloaded, sha256 checked). The decision and the alias "
+            "move happen under a registry-side lock, so concurrent promotes serialise. The decision and "
             "evidence are recorded as version tags (promotion.*). Idempotent; with no champion the first "
             "evaluated version wins. Exit 0 whether or not it promoted; 2 on errors."
         ),
@@ -24,12 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gate.add_argument("--model", required=True, help="registered model name")
     gate.add_argument("--version", required=True, help="model version number to judge")
     gate.add_argument("--primary", default="accuracy", help="metric compared (default: accuracy)")
-    gate.add_argument("--margin", type=float, default=0.0, help="required improvement (default: 0)")
+    # strings: the gate checks that they are finite numbers and says so in one line
+    gate.add_argument("--margin", default="0", help="required improvement, a finite number (default: 0)")
     gate.add_argument(
-        "--max-regression",
-        type=float,
-        default=0.05,
-        help="largest allowed drop on any benchmark (default: 0.05)",
+        "--max-regression", default="0.05", help="largest allowed drop on any benchmark (default: 0.05)"
+    )
+    gate.add_argument(
+        "--listing-only",
+        action="store_true",
+        help="verify the version's artifact listing only, without downloading it to check sha256s",
     )
     gate.add_argument(
         "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db)"
@@ -57,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _promote(args: argparse.Namespace) -> int:
     import json
 
-    from tgrl_lib.mlops.registry import promote
+    from tgrl_lib.mlops.promotion import promote
 
     decision = promote(
         args.model,
@@ -66,6 +72,7 @@ def _promote(args: argparse.Namespace) -> int:
         margin=args.margin,
         max_regression=args.max_regression,
         tracking_uri=args.tracking_uri,
+        checksums=not args.listing_only,
     )
     if args.json:
         print(json.dumps({**decision.__dict__}, indent=2, sort_keys=True))

@@ -1,11 +1,24 @@
 """`tgrl serve`: a local model behind an OpenAI-compatible chat-completions route.
 
-The server is `tgrl_lib.generation.serve`.
+The server is `tgrl_lib.generation.serve` (HTTP) over `tgrl_lib.generation.chat` (requests -> the model);
+the limit flags fill `ServeLimits`, whose bounds are checked before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+
+# flag -> ServeLimits field; defaults and bounds live on the model (shown by --help through `_limit_help`)
+LIMIT_FLAGS = {
+    "--backlog": "backlog",
+    "--max-connections": "max_connections",
+    "--max-queue": "max_queue",
+    "--queue-timeout": "queue_timeout_s",
+    "--socket-timeout": "socket_timeout_s",
+    "--read-deadline": "read_deadline_s",
+    "--max-body-bytes": "max_body_bytes",
+    "--max-tokens-limit": "max_tokens_limit",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Answer POST /v1/chat/completions and GET /v1/models from a local model directory with the hf "
             "backend (CPU or one GPU), so `tgrl generate --expert openai --base-url http://HOST:PORT/v1` "
-            "works without vLLM. Images must be inline base64 data URLs; one request is generated at a time."
+            "works without vLLM. Images must be inline base64 data URLs; one request is generated at a time. "
+            "Bounded: over --max-connections a connection gets 503, over --max-queue a request gets 429, "
+            "a prompt that cannot fit the model's context gets 400."
         ),
     )
     parser.add_argument("--model", required=True, help="model directory (safetensors), or s3:// URI")
@@ -27,13 +42,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--api-key-env", help="require `Authorization: Bearer $VAR` with the key read from this env var"
     )
-    parser.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens accepted")
+    for flag, field in LIMIT_FLAGS.items():
+        parser.add_argument(flag, dest=field, default=None, help=_limit_help(field))
     parser.set_defaults(func=_run)
 
 
+def _limit_help(field: str) -> str:
+    from tgrl_lib.generation.chat import ServeLimits
+
+    info = ServeLimits.model_fields[field]
+    return f"{info.description} (default: {info.default})"
+
+
 def _run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from tgrl_lib.errors import TgrlError
+    from tgrl_lib.generation.chat import ServeLimits
     from tgrl_lib.generation.serve import serve
 
+    given = {
+        field: getattr(args, field) for field in LIMIT_FLAGS.values() if getattr(args, field) is not None
+    }
+    try:
+        limits = ServeLimits(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = next(f for f, name in LIMIT_FLAGS.items() if name == first["loc"][0])
+        raise TgrlError(f"{flag}: {first['msg']}, got {first['input']!r}") from None
     try:
         serve(
             args.model,
@@ -41,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
             args.port,
             served_name=args.served_model_name,
             api_key_env=args.api_key_env,
-            max_tokens_limit=args.max_tokens_limit,
+            limits=limits,
         )
     except KeyboardInterrupt:
         return 0

@@ -53,7 +53,8 @@ class FilterContext:
         return self.problems[trajectory.problem_id]
 
     def policy(self) -> Any:
-        """The loaded policy (`models.policy.Policy`), loaded once; a filter that needs it fails without it."""
+        """The loaded policy (a `models.policy.Policy`), loaded once; a filter that needs it fails without
+        it."""
         if self._policy is None:
             if not self.policy_path:
                 raise TgrlError(

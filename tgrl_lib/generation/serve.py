@@ -1,265 +1,327 @@
 """`tgrl serve`: a small OpenAI-compatible chat-completions server over a local model (the `hf` backend).
 
-Routes: `POST /v1/chat/completions` (messages with text and at most one image as a base64 `data:` URL,
-`n`, `temperature`, `max_tokens` / `max_completion_tokens`, `seed`), `GET /v1/models`, `GET /health`.
-It lets a machine without vLLM or a GPU act as the `openai` expert (and the tests run that backend against
-a real server). Not a production server: requests are generated one at a time (the model is shared), only
-inline images are accepted (no URL fetching), `top_p`/`stop`/streaming are not supported. With
-`api_key_env` set, requests must carry `Authorization: Bearer <key>`.
+Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. It lets a machine without vLLM or a
+GPU act as the `openai` expert (and the tests run that backend against a real server). What a request may
+hold and how it reaches the model is `generation.chat`; this module is the HTTP side, bounded in
+connections, time and bytes (`ServeLimits`). With `api_key_env` set, requests must carry
+`Authorization: Bearer <key>`.
+
+- Listen backlog `ServeLimits.backlog` (socketserver's default of 5 reset connections under a burst).
+- At most `max_connections` handler threads. A connection over the limit is answered 503 by one janitor
+  thread without a thread of its own: the answer is sent, the socket half-closed and kept until the client
+  closes it (or 2 s), so the kernel never resets a connection whose request was left unread.
+- Every socket has a timeout (`socket_timeout_s`) and every request a deadline for its headers and body
+  (`read_deadline_s`; the janitor shuts down a connection still reading past it: a slow client cannot
+  hold a thread by trickling bytes).
+- The body: a decimal `Content-Length` up to `max_body_bytes` (411 without one, 413 over it); JSON nested
+  deeper than the interpreter allows is a 400, like any other invalid JSON.
+- Every error, including those the stdlib handler raises itself (malformed request line, oversized
+  headers, unknown methods), is an OpenAI-style JSON body.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
-import io
+import contextlib
 import json
+import queue
+import selectors
+import socket
 import sys
 import threading
 import time
 import traceback
-import uuid
-import warnings
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
+from tgrl_lib.generation.chat import ModelServer, RequestError, ServeLimits
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
-MAX_IMAGE_PIXELS = 4096 * 4096
-DATA_URL_PREFIX = "data:image/"
-
-
-class RequestError(Exception):
-    """A request the server refuses, with its HTTP status (OpenAI-style error body)."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
+REFUSAL_LINGER_S = 2.0
+MAX_LINGERING = 1024
 
 
-def decode_image(url: str) -> Any:
-    """A PIL RGB image from a base64 `data:image/...` URL; refuses other URLs, bad data and huge images."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not url.startswith(DATA_URL_PREFIX) or ";base64," not in url:
-        raise RequestError(400, "image_url must be a base64 data URL (data:image/png;base64,...)")
-    try:
-        data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(400, "image_url holds invalid base64") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise RequestError(
-                        400, f"image is {image.width}x{image.height}, over {MAX_IMAGE_PIXELS} px"
-                    )
-                return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
-        raise RequestError(400, f"image_url is not a readable image ({type(err).__name__})") from None
+def _error_body(status: int, message: str, kind: str, code: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode("utf-8")
 
 
-def _bounded(body: dict[str, Any], key: str, default: Any, kind: type, low: float, high: float) -> Any:
-    value = body.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, kind | int) or not low <= value <= high:
-        raise RequestError(400, f"`{key}` must be a number in [{low}, {high}], got {value!r}")
-    return kind(value)
+_BUSY = _error_body(503, "too many open connections; retry shortly", "server_error", "too_many_connections")
+REFUSAL = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY
+)
 
 
-class ModelServer:
-    """Turns chat-completions requests into `HFBackend.generate` calls on one local model."""
+class _Janitor(threading.Thread):
+    """One thread that answers over-limit connections (503) and shuts down requests past their deadline."""
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        served_name: str | None = None,
-        api_key: str | None = None,
-        max_tokens_limit: int = 2048,
-        max_samples: int = 32,
-    ):
-        from tgrl_lib.generation.hf import HFBackend
+    def __init__(self) -> None:
+        super().__init__(name="tgrl-serve-janitor", daemon=True)
+        self.inbox: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self.selector = selectors.DefaultSelector()
+        self.lingering: dict[socket.socket, float] = {}
+        self.deadlines: dict[socket.socket, float] = {}
+        self.guard = threading.Lock()
+        self.stopped = threading.Event()
 
-        device = _device()
-        self.backend = HFBackend.from_pretrained(str(model_dir), device=device)
-        self.processor = self.backend.processor
-        self.name = served_name or Path(model_dir).resolve().name
-        self.api_key = api_key
-        self.max_tokens_limit = max_tokens_limit
-        self.max_samples = max_samples
-        self.created = int(time.time())
-        self._lock = threading.Lock()  # one generation at a time: the model is shared
+    def watch(self, sock: socket.socket, seconds: float) -> None:
+        with self.guard:
+            self.deadlines[sock] = time.monotonic() + seconds
 
-    def authorised(self, header: str | None) -> bool:
-        if not self.api_key:
-            return True
-        expected = f"Bearer {self.api_key}".encode()
-        return hmac.compare_digest((header or "").encode(), expected)
+    def unwatch(self, sock: socket.socket) -> None:
+        with self.guard:
+            self.deadlines.pop(sock, None)
 
-    def models(self) -> dict[str, Any]:
-        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "tgrl"}
-        return {"object": "list", "data": [card]}
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self._take_refusals()
+            if self.lingering:
+                for key, _ in self.selector.select(timeout=0.05):
+                    self._drain(key.fileobj)  # type: ignore[arg-type]
+            else:
+                time.sleep(0.05)
+            now = time.monotonic()
+            for sock, until in list(self.lingering.items()):
+                if until < now:
+                    self._close(sock)
+            with self.guard:
+                late = [sock for sock, until in self.deadlines.items() if until < now]
+                for sock in late:
+                    del self.deadlines[sock]
+            for sock in late:  # the handler's read fails at once and it answers 408 or gives up
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
 
-    def chat(self, body: Any) -> dict[str, Any]:
-        """The chat-completions answer for one request body."""
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object")
-        if body.get("model") != self.name:
-            raise RequestError(404, f"model {body.get('model')!r} is not served here; use {self.name!r}")
-        if body.get("stream"):
-            raise RequestError(400, "streaming is not supported")
-        messages, images = self._messages(body.get("messages"))
-        n = _bounded(body, "n", 1, int, 1, self.max_samples)
-        temperature = _bounded(body, "temperature", 1.0, float, 0.0, 2.0)
-        max_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _bounded(body, max_key, 256, int, 1, self.max_tokens_limit)
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RequestError(400, "`seed` must be an integer")
-        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        with self._lock:
-            completions = self.backend.generate(
-                [prompt],
-                images or None,
-                samples=n,
-                temperature=temperature,
-                max_new_tokens=max_tokens,
-                seed=seed,
-            )[0]
-        prompt_tokens = len(self.backend.tokenizer(prompt)["input_ids"])
-        completion_tokens = sum(c.num_tokens for c in completions)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason,
-            }
-            for i, c in enumerate(completions)
-        ]
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+    def _take_refusals(self) -> None:
+        while True:
+            try:
+                sock = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if len(self.lingering) >= MAX_LINGERING:
+                    raise OSError("too many lingering refusals")
+                sock.setblocking(False)
+                sock.send(REFUSAL)  # a few hundred bytes: fits an empty send buffer
+                sock.shutdown(socket.SHUT_WR)
+                self.selector.register(sock, selectors.EVENT_READ)
+                self.lingering[sock] = time.monotonic() + REFUSAL_LINGER_S
+            except OSError:
+                sock.close()
 
-    def _messages(self, messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
-        """Messages for the chat template (`{"type": "image"}` parts) and the decoded images."""
-        if not isinstance(messages, list) or not messages:
-            raise RequestError(400, "`messages` must be a non-empty list")
-        out, images = [], []
-        for message in messages:
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise RequestError(400, "each message needs a role (system, user or assistant) and content")
-            content = message.get("content")
-            if isinstance(content, list):
-                content = [self._part(part, images) for part in content]
-            elif not isinstance(content, str):
-                raise RequestError(400, "message content must be a string or a list of parts")
-            out.append({"role": message["role"], "content": content})
-        if len(images) > 1:
-            raise RequestError(400, f"at most one image per request, got {len(images)}")
-        return out, images
+    def _drain(self, sock: socket.socket) -> None:
+        try:
+            if sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close(sock)
 
-    @staticmethod
-    def _part(part: Any, images: list[Any]) -> dict[str, Any]:
-        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-            return {"type": "text", "text": part["text"]}
-        if isinstance(part, dict) and part.get("type") == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str):
-                raise RequestError(400, "image_url part without a url")
-            images.append(decode_image(url))
-            return {"type": "image"}
-        raise RequestError(400, "content parts must be {type: text} or {type: image_url}")
+    def _close(self, sock: socket.socket) -> None:
+        self.lingering.pop(sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(sock)
+        sock.close()
 
 
-def _device() -> str | None:
-    import torch
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """`ThreadingHTTPServer` with a real backlog, a cap on handler threads and a janitor (module docs)."""
 
-    return "cuda" if torch.cuda.is_available() else None
+    daemon_threads = True
+    model_server: ModelServer
+
+    def __init__(self, address: tuple[str, int], handler: type, model_server: ModelServer):
+        self.model_server, self.limits = model_server, model_server.limits
+        self.request_queue_size = self.limits.backlog  # read by server_activate (listen)
+        self.slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self.janitor = _Janitor()
+        super().__init__(address, handler)
+        self.janitor.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.janitor.inbox.put(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.janitor.unwatch(request)
+            self.slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close gracefully: half-close, then drain what the client still sends (up to 1 MiB, 1 s) before
+        closing, since closing a socket with unread bytes makes the kernel reset the connection and the
+        client may lose the answer (a refused body is never read)."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(0.2)
+            deadline, drained = time.monotonic() + 1.0, 0
+            while drained < 1024 * 1024 and time.monotonic() < deadline:
+                chunk = request.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        self.close_request(request)
+
+    def server_close(self) -> None:
+        self.janitor.stopped.set()
+        super().server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "tgrl-serve/1"
-    model_server: ModelServer  # set on the subclass made by `make_server`
+    server: BoundedHTTPServer
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
+    def setup(self) -> None:
+        self.timeout = self.server.limits.socket_timeout_s  # read by StreamRequestHandler.setup
+        super().setup()
+        self.server.janitor.watch(self.connection, self.server.limits.read_deadline_s)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionError, TimeoutError, OSError):
+            self.close_connection = True  # the client went away or stalled: nothing left to answer
+
+    def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        self._send(status, {"error": {"message": message, "type": kind, "code": status}})
+    def _error(self, err: RequestError) -> None:
+        payload = {"error": {"message": str(err), "type": err.kind, "code": err.code}}
+        self._send(err.status, payload, err.headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (bad request line, headers too large, unknown method) as JSON."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method is the client's error
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command!r} is not allowed"
+        self.close_connection = True
+        self.request_version = "HTTP/1.0"  # answer with a status line even when the request line was garbage
+        phrase = self.responses.get(code, ("error",))[0]
+        self._error(RequestError(code, message or phrase, code=phrase.lower().replace(" ", "_")))
 
     def do_GET(self) -> None:
+        self.server.janitor.unwatch(self.connection)
+        model_server = self.server.model_server
         if self.path.rstrip("/") == "/health":
             self._send(200, {"status": "ok"})
-        elif not self.model_server.authorised(self.headers.get("Authorization")):
-            self._error(401, "missing or wrong API key", "authentication_error")
+        elif not model_server.authorised(self.headers.get("Authorization")):
+            self._error(
+                RequestError(401, "missing or wrong API key", "authentication_error", "invalid_api_key")
+            )
         elif self.path.rstrip("/") == "/v1/models":
-            self._send(200, self.model_server.models())
+            self._send(200, model_server.models())
         else:
-            self._error(404, f"no route {self.path}", "not_found_error")
+            self._error(RequestError(404, f"no route {self.path[:200]}", "not_found_error", "not_found"))
 
     def do_POST(self) -> None:
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._error(404, f"no route {self.path}", "not_found_error")
-            return
-        if not self.model_server.authorised(self.headers.get("Authorization")):
-            self._error(401, "missing or wrong API key", "authentication_error")
-            return
+        model_server = self.server.model_server
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if not 0 < length <= MAX_BODY_BYTES:
-                raise RequestError(413 if length else 400, f"body must be 1..{MAX_BODY_BYTES} bytes")
-            try:
-                body = json.loads(self.rfile.read(length))
-            except ValueError:
-                raise RequestError(400, "the body is not valid JSON") from None
-            self._send(200, self.model_server.chat(body))
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                raise RequestError(404, f"no route {self.path[:200]}", "not_found_error", "not_found")
+            if not model_server.authorised(self.headers.get("Authorization")):
+                raise RequestError(401, "missing or wrong API key", "authentication_error", "invalid_api_key")
+            body = self._read_json()
+            self.server.janitor.unwatch(self.connection)
+            self._send(200, model_server.chat(body))
         except RequestError as err:
-            self._error(err.status, str(err), err.kind)
+            self.close_connection = True
+            self._error(err)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
         except Exception:  # a bug or a model failure: answer 500 and keep the traceback in the log
             traceback.print_exc(file=sys.stderr)
-            self._error(500, "internal error while generating (see the server log)", "server_error")
+            self.close_connection = True
+            self._error(
+                RequestError(
+                    500,
+                    "internal error while generating (see the server log)",
+                    "server_error",
+                    "internal_error",
+                )
+            )
+
+    def _read_json(self) -> Any:
+        """The request body as JSON, read within the limits (module docstring)."""
+        limit = self.server.limits.max_body_bytes
+        if self.headers.get("Transfer-Encoding"):
+            raise RequestError(
+                411, "chunked bodies are not supported: send a Content-Length", code="length_required"
+            )
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            raise RequestError(411, "a Content-Length header is required", code="length_required")
+        text = values[0].strip()
+        if len(set(values)) > 1 or not (text.isascii() and text.isdigit()):
+            raise RequestError(
+                400, f"Content-Length must be one decimal number, got {', '.join(values)[:60]!r}"
+            )
+        length = int(text[:20])
+        if not 0 < length <= limit:
+            raise RequestError(
+                413 if length else 400,
+                f"the body must be 1..{limit} bytes, got {length}",
+                code="body_too_large" if length else "empty_body",
+            )
+        try:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            raise RequestError(408, "the body did not arrive in time", code="request_timeout") from None
+        except OSError:
+            raise RequestError(
+                408, "the body did not arrive before the read deadline", code="request_timeout"
+            ) from None
+        if len(data) < length:
+            raise RequestError(
+                400, f"the body ended after {len(data)} of {length} bytes", code="truncated_body"
+            )
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise RequestError(400, "the JSON body is nested too deeply", code="invalid_json") from None
+        except ValueError as err:
+            raise RequestError(
+                400, f"the body is not valid JSON ({str(err)[:120]})", code="invalid_json"
+            ) from None
 
     def log_message(self, format: str, *args: Any) -> None:
         sys.stderr.write(f"tgrl serve: {self.address_string()} {format % args}\n")
 
 
 def make_server(
-    model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any
-) -> ThreadingHTTPServer:
-    """A bound (not yet serving) server; port 0 picks a free port (`server.server_address[1]`)."""
-    model_server = ModelServer(model_dir, **kwargs)
-    handler = type("Handler", (_Handler,), {"model_server": model_server})
+    model_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    limits: ServeLimits | None = None,
+    **kwargs: Any,
+) -> BoundedHTTPServer:
+    """A bound (not yet serving) server; port 0 picks a free port (`server.server_address[1]`).
+    `kwargs` go to `ModelServer` (`served_name`, `api_key`)."""
+    model_server = ModelServer(model_dir, limits=limits, **kwargs)
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        return BoundedHTTPServer((host, port), _Handler, model_server)
     except OSError as err:
         raise TgrlError(
             f"cannot listen on {host}:{port} ({err.strerror})", hint="pick another --port"
         ) from None
-    server.daemon_threads = True
-    return server
 
 
 def serve(
@@ -269,17 +331,15 @@ def serve(
     *,
     served_name: str | None = None,
     api_key_env: str | None = None,
-    max_tokens_limit: int = 2048,
+    limits: ServeLimits | None = None,
 ) -> None:
     """Serve until interrupted; prints the base URL to use as `--base-url`."""
     api_key = read_env(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
         raise TgrlError(f"--api-key-env {api_key_env} is not set in the environment")
-    server = make_server(
-        model_dir, host, port, served_name=served_name, api_key=api_key, max_tokens_limit=max_tokens_limit
-    )
+    server = make_server(model_dir, host, port, served_name=served_name, api_key=api_key, limits=limits)
     bound_host, bound_port = server.server_address[:2]
-    name = server.RequestHandlerClass.model_server.name  # type: ignore[attr-defined]
+    name = server.model_server.name
     print(f"tgrl serve: model {name!r} at http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

@@ -1,4 +1,4 @@
-"""Model registry: checkpoints as MLflow model versions, eval metrics as version tags, a promotion gate.
+"""Model registry: checkpoints as MLflow model versions, eval metrics as version tags, artifact checks.
 
 - `register_checkpoint` logs the checkpoint as the artifacts of a pyfunc model (so
   `mlflow.pyfunc.load_model("models:/NAME@champion")` answers questions with it) and registers a version
@@ -7,14 +7,11 @@
   from code"), so the registered artifact holds no pickle; training state (`optimizer*`, `*.pt`, `*.pth`,
   `*.bin`, `*.ckpt`, `rng_state*`) is left out, and a `COMPLETE` marker with every file's sha256 is added
   and verified on every download (`storage.verify_checkpoint`).
-- `promote` moves alias `champion` only when the candidate's mean primary metric (over the benchmarks it
-  shares with the champion) beats the champion's by more than `margin` and no shared benchmark drops by
-  more than `max_regression`; higher is better. The decision and its evidence are version tags
-  (`promotion.decision|reason|compared_to|evidence|time`). Promoting the current champion again changes
-  nothing ("already champion"); with no champion yet the first evaluated version is promoted; a version
-  without `eval.*.<primary>` tags is refused. Aliases only: stages are deprecated.
+- `verify_version` checks a version's artifacts where they are stored (the listing holds `MLmodel` and
+  every file of the checkpoint's `COMPLETE` marker; with `checksums`, each file's sha256 after a download):
+  the promotion gate (`mlops.promotion`) runs it before a version can become champion.
 - `download_model`/`load_champion` fetch a version's checkpoint into a local directory (paths checked to
-  stay inside it, checksums verified).
+  stay inside it, checksums verified); a version whose artifacts are gone is a `TgrlError` naming it.
 """
 
 from __future__ import annotations
@@ -24,10 +21,8 @@ import math
 import re
 import shutil
 import tempfile
-import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +105,11 @@ def generate_answers(policy: Any, rows: list[dict[str, Any]], max_new_tokens: in
     training prompt (system prompt, lettered choices), batched by the hf backend (greedy batched answers
     equal one-at-a-time ones: tests/evaluation/test_evaluate.py). Rows with and without an image go in
     separate batches."""
+    from tgrl_lib.config import BackendConfig
     from tgrl_lib.data.prompts import render_prompt
-    from tgrl_lib.generation.hf import HFBackend
+    from tgrl_lib.generation.factory import make_backend
 
-    backend = HFBackend(policy.model, policy.processor)
+    backend = make_backend(BackendConfig(kind="hf"), policy, batch_size=64)
     answers: list[str] = [""] * len(rows)
     for with_image in (True, False):
         index = [i for i, row in enumerate(rows) if (row.get("image") is not None) == with_image]
@@ -179,7 +175,8 @@ def metrics_from_tags(tags: dict[str, str], metric: str) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------- registration
-def _client(tracking_uri: str | None):
+def registry_client(tracking_uri: str | None = None) -> Any:
+    """An `MlflowClient` on `tracking_uri` (or the process's current one)."""
     from mlflow import MlflowClient
 
     current_tracking_uri(tracking_uri)
@@ -227,7 +224,7 @@ def register_checkpoint(
         **eval_tags(eval_metrics),
         **{metric_key(k): scrub(str(v)) for k, v in (tags or {}).items()},
     }
-    client = _client(tracking_uri)
+    client = registry_client(tracking_uri)
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "question"), ColSpec("string", "image", required=False)]),
         outputs=Schema([ColSpec("string")]),
@@ -293,124 +290,6 @@ class _ActiveRun:
             mlflow.end_run("FAILED" if exc_type else "FINISHED")
 
 
-# ----------------------------------------------------------------------------------- promotion
-@dataclass
-class PromotionDecision:
-    """The gate's verdict: `promoted` means `version` holds `@champion` now."""
-
-    promoted: bool
-    reason: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-    model_name: str = ""
-    version: str = ""
-    previous_champion: str | None = None
-    changed: bool = False
-
-    def render(self) -> str:
-        verdict = "PROMOTED" if self.promoted else "NOT PROMOTED"
-        was = ""
-        if self.previous_champion and self.previous_champion != self.version:
-            was = f" (champion was v{self.previous_champion})"
-        return (
-            f"{verdict}: {self.model_name} v{self.version}{was}\n"
-            f"reason: {self.reason}\n"
-            f"evidence: {json.dumps(self.evidence, indent=2, sort_keys=True)}"
-        )
-
-
-def _mean(values: dict[str, float], keys: list[str] | None = None) -> float | None:
-    keys = sorted(values) if keys is None else keys
-    return sum(values[k] for k in keys) / len(keys) if keys else None
-
-
-def _judge(
-    cand: dict[str, float],
-    champ: dict[str, float] | None,
-    champion: str | None,
-    margin: float,
-    max_reg: float,
-) -> tuple[bool, str, dict[str, Any]]:
-    """(promote?, reason, comparison evidence) for primary-metric values per benchmark."""
-    if not cand:
-        return False, "not evaluated: no eval.<benchmark>.<primary> tags on this version", {}
-    if champion is None:
-        return True, "first evaluated version: there is no champion yet", {}
-    if not champ:
-        return False, f"champion v{champion} has no eval tags for the primary metric: evaluate it first", {}
-    common = sorted(set(cand) & set(champ))
-    if not common:
-        return False, f"no benchmark in common with champion v{champion} ({sorted(champ)})", {}
-    cand_mean, champ_mean = _mean(cand, common), _mean(champ, common)
-    delta = cand_mean - champ_mean  # type: ignore[operator]
-    drops = {b: champ[b] - cand[b] for b in common}
-    regressions = {b: d for b, d in drops.items() if d > max_reg}
-    evidence = {
-        "benchmarks_compared": common,
-        "candidate_mean": cand_mean,
-        "champion_mean": champ_mean,
-        "delta": delta,
-        "drops": drops,
-    }
-    if regressions:
-        worst = max(regressions, key=regressions.get)  # type: ignore[arg-type]
-        return False, f"{worst} regresses by {regressions[worst]:.4f} > max_regression {max_reg}", evidence
-    versus = f"mean {cand_mean:.4f} vs champion v{champion} {champ_mean:.4f}"
-    if delta <= margin:
-        return False, f"{versus}: {delta:+.4f} does not beat the margin {margin}", evidence
-    return True, f"{versus}: {delta:+.4f} beats the margin {margin}", evidence
-
-
-def promote(
-    model_name: str,
-    version: str | int,
-    primary: str = "accuracy",
-    margin: float = 0.0,
-    max_regression: float = 0.05,
-    *,
-    tracking_uri: str | None = None,
-) -> PromotionDecision:
-    """Run the promotion gate for `model_name` version `version` (see the module docstring)."""
-    client, version = _client(tracking_uri), str(version)
-    with mlflow_errors(f"reading {model_name!r} v{version} from the registry"):
-        candidate = client.get_model_version(model_name, version)
-        champion = client.get_registered_model(model_name).aliases.get(CHAMPION)
-        champ_tags = client.get_model_version(model_name, champion).tags if champion else {}
-    cand = metrics_from_tags(candidate.tags, primary)
-    evidence: dict[str, Any] = {
-        "primary": metric_key(primary),
-        "margin": margin,
-        "max_regression": max_regression,
-        "candidate": {"version": version, "per_benchmark": cand, "mean": _mean(cand)},
-    }
-    if champion is not None:
-        champ = metrics_from_tags(champ_tags, primary)
-        evidence["champion"] = {"version": champion, "per_benchmark": champ, "mean": _mean(champ)}
-    decision = PromotionDecision(False, "", evidence, model_name, version, champion)
-    if champion == version:
-        decision.promoted, decision.reason = True, "already champion: nothing changed"
-        return decision
-    decision.promoted, decision.reason, comparison = _judge(
-        cand, evidence.get("champion", {}).get("per_benchmark"), champion, margin, max_regression
-    )
-    evidence.update(comparison)
-    with mlflow_errors(f"recording the promotion decision on {model_name!r} v{version}"):
-        if decision.promoted:
-            client.set_registered_model_alias(model_name, CHAMPION, version)
-            if champion:
-                client.set_model_version_tag(model_name, champion, "promotion.replaced_by", version)
-        record = {
-            "promotion.decision": "promoted" if decision.promoted else "refused",
-            "promotion.reason": decision.reason,
-            "promotion.compared_to": f"v{champion}" if champion else "none",
-            "promotion.evidence": json.dumps(evidence, sort_keys=True)[:90_000],
-            "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        for key, value in record.items():
-            client.set_model_version_tag(model_name, version, key, value)
-    decision.changed = decision.promoted
-    return decision
-
-
 # ------------------------------------------------------------------------------------ downloads
 def resolve_version(model_uri: str, *, tracking_uri: str | None = None) -> tuple[str, str]:
     """`models:/NAME/VERSION` or `models:/NAME@ALIAS` -> (name, version)."""
@@ -420,7 +299,7 @@ def resolve_version(model_uri: str, *, tracking_uri: str | None = None) -> tuple
     name = match["name"]
     if match["version"]:
         return name, match["version"]
-    client = _client(tracking_uri)
+    client = registry_client(tracking_uri)
     with mlflow_errors(f"resolving {model_uri}"):
         return name, str(client.get_model_version_by_alias(name, match["alias"]).version)
 
@@ -428,22 +307,86 @@ def resolve_version(model_uri: str, *, tracking_uri: str | None = None) -> tuple
 def tag_version(model_uri: str, tags: dict[str, Any], *, tracking_uri: str | None = None) -> None:
     """Set tags on the version `model_uri` names (keys made MLflow-safe: `pass@1` -> `pass_at_1`)."""
     name, version = resolve_version(model_uri, tracking_uri=tracking_uri)
-    client = _client(tracking_uri)
+    client = registry_client(tracking_uri)
     with mlflow_errors(f"tagging {name!r} v{version}"):
         for key, value in tags.items():
             client.set_model_version_tag(name, version, metric_key(key), scrub(str(value)))
+
+
+def _listing(repo: Any, path: str | None = None) -> dict[str, int | None]:
+    """`{relative path: size}` of every file under `path` of an artifact repository (recursive)."""
+    found: dict[str, int | None] = {}
+    for entry in repo.list_artifacts(path):
+        if entry.is_dir:
+            found.update(_listing(repo, entry.path))
+        else:
+            found[entry.path] = entry.file_size
+    return found
+
+
+def _read_artifact(repo: Any, path: str, where: str) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="tgrl-verify-") as tmp:
+        with mlflow_errors(f"reading {path} of {where}"):
+            local = Path(repo.download_artifacts(path, tmp))
+        return local.read_bytes()
+
+
+def _checkpoint_path(mlmodel: bytes, where: str) -> str:
+    """The checkpoint's directory inside a version's artifacts, from its MLmodel file."""
+    import yaml
+
+    try:
+        return str(yaml.safe_load(mlmodel)["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"])
+    except (KeyError, TypeError, yaml.YAMLError):
+        raise TgrlError(f"{where} is not a tgrl checkpoint model (no checkpoint artifact)") from None
+
+
+def verify_version(
+    model_name: str, version: str | int, *, checksums: bool = True, tracking_uri: str | None = None
+) -> dict[str, str]:
+    """Check the artifacts of `model_name` v`version` where the registry keeps them: listable, with
+    `MLmodel` and every file the checkpoint's `COMPLETE` marker names; with `checksums`, also downloaded
+    (to a temporary directory) and matched to the marker's sha256. Returns the marker's file map; raises a
+    `TgrlError` saying what is missing or wrong."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from tgrl_lib.store.artifacts import CHECKPOINT_MARKER
+
+    where = f"models:/{model_name}/{version}"
+    registry_client(tracking_uri)  # the repository resolves `models:/` through the current tracking URI
+    with mlflow_errors(f"listing the artifacts of {where}"):
+        repo = get_artifact_repository(where)
+        listed = _listing(repo)
+    if "MLmodel" not in listed:
+        raise TgrlError(f"{where} has no MLmodel in its artifacts (deleted?): it cannot be loaded")
+    rel = _checkpoint_path(_read_artifact(repo, "MLmodel", where), where).strip("/")
+    if f"{rel}/{CHECKPOINT_MARKER}" not in listed:
+        raise TgrlError(f"{where} has no {rel}/{CHECKPOINT_MARKER} marker: the checkpoint is incomplete")
+    try:
+        files = json.loads(_read_artifact(repo, f"{rel}/{CHECKPOINT_MARKER}", where))["files"]
+        missing = sorted(name for name in files if f"{rel}/{name}" not in listed)
+    except (ValueError, KeyError, TypeError):
+        raise TgrlError(f"{where}: {rel}/{CHECKPOINT_MARKER} is not a checkpoint marker") from None
+    if missing:
+        raise TgrlError(
+            f"{where}: {len(missing)} checkpoint file(s) missing from the registry: {missing[:3]}"
+        )
+    if checksums:
+        with tempfile.TemporaryDirectory(prefix="tgrl-verify-") as tmp:
+            download_model(where, Path(tmp) / "checkpoint", tracking_uri=tracking_uri)
+    return files
 
 
 def download_model(model_uri: str, dest: str | Path, *, tracking_uri: str | None = None) -> Path:
     """The checkpoint of a registered version, downloaded into `dest` (must be absent or empty) and
     verified against its COMPLETE marker. Returns `dest`."""
     import mlflow
-    import yaml
 
     from tgrl_lib.data.schema import resolve_inside
     from tgrl_lib.store.artifacts import verify_checkpoint
 
     name, version = resolve_version(model_uri, tracking_uri=tracking_uri)
+    where = f"models:/{name}/{version}"
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise TgrlError("download target exists and is not empty", path=dest)
@@ -451,18 +394,14 @@ def download_model(model_uri: str, dest: str | Path, *, tracking_uri: str | None
     staging = dest.parent / f".{dest.name}.download-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        with mlflow_errors(f"downloading models:/{name}/{version}"):
-            local = Path(
-                mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(staging))
-            )
-        mlmodel = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))
-        try:
-            rel = mlmodel["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]
-        except (KeyError, TypeError):
+        with mlflow_errors(f"downloading {where}"):
+            local = Path(mlflow.artifacts.download_artifacts(where, dst_path=str(staging)))
+        if not (local / "MLmodel").is_file():
             raise TgrlError(
-                f"models:/{name}/{version} is not a tgrl checkpoint model (no checkpoint artifact)"
-            ) from None
-        checkpoint = resolve_inside(local, str(rel))
+                f"{where} has no MLmodel in its artifacts (deleted?): it cannot be loaded",
+                hint="promote a version whose artifacts are intact",
+            )
+        checkpoint = resolve_inside(local, _checkpoint_path((local / "MLmodel").read_bytes(), where))
         verify_checkpoint(checkpoint)
         if dest.exists():
             dest.rmdir()
