@@ -1,8 +1,10 @@
 """Data contracts: records, dataset directories, manifest-last, row-level errors, safe paths."""
 
+import io
 import json
 
 import pytest
+from PIL import Image
 
 from tgrl_lib.data.schema import (
     DatasetWriter,
@@ -12,9 +14,9 @@ from tgrl_lib.data.schema import (
     check_relative_path,
     load_dataset,
     resolve_inside,
-    validate_dataset,
     write_dataset,
 )
+from tgrl_lib.data.validate import validate_dataset
 from tgrl_lib.errors import TgrlError
 
 
@@ -26,10 +28,16 @@ def _problem(i: int, **extra) -> Problem:
     return Problem(**fields)
 
 
+def _png(shade: int, size=(8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (shade, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _write(root, n=3):
     with DatasetWriter(root, "problems") as writer:
         for i in range(n):
-            writer.add_image(f"images/{i}.png", b"png-bytes-%d" % i)
+            writer.add_image(f"images/{i}.png", _png(i))
         writer.write([_problem(i) for i in range(n)])
     return root
 

@@ -13,8 +13,9 @@ import pytest
 
 from tgrl_lib.cli import main
 from tgrl_lib.config import FilterConfig, FilterSpec, GenerateConfig, PipelineConfig, load_config
-from tgrl_lib.data.schema import Manifest, Problem, Trajectory, load_dataset, sha256_file, validate_dataset
+from tgrl_lib.data.schema import Manifest, Problem, Trajectory, load_dataset, sha256_file
 from tgrl_lib.data.synthetic import synthesize
+from tgrl_lib.data.validate import validate_dataset
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.filters import FilterContext, build_filters
 from tgrl_lib.filters.run import load_filter_config, run_filters

@@ -12,8 +12,9 @@ import pytest
 
 from tgrl_lib.cli import main
 from tgrl_lib.config import GenerateConfig
-from tgrl_lib.data.schema import MANIFEST, RECORDS, Manifest, load_dataset, sha256_file, validate_dataset
+from tgrl_lib.data.schema import MANIFEST, RECORDS, Manifest, load_dataset, sha256_file
 from tgrl_lib.data.synthetic import synthesize
+from tgrl_lib.data.validate import validate_dataset
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.generation.run import generate_trajectories
 from tgrl_lib.scoring.rewards import reward

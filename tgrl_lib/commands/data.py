@@ -86,11 +86,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     val = sub.add_parser(
         "validate",
-        help="check a dataset directory (manifest, hashes, every row, image paths)",
-        description="Exit 0 when DIR is a valid dataset; otherwise print one line per problem "
-        "(`.../records.jsonl:LINE: reason`) on stderr and exit 1.",
+        help="check a dataset directory (manifest, hashes, every row, every image)",
+        description="Exit 0 when DIR is a valid, non-empty dataset; otherwise print one line per problem "
+        "(`.../records.jsonl:LINE: reason`) on stderr and exit 1. Every file the manifest lists must be "
+        "present and match its sha256; every image is opened the way training opens it (header, pixel "
+        "and aspect-ratio caps, decoded).",
     )
     val.add_argument("dir", help="dataset directory")
+    val.add_argument(
+        "--fast", action="store_true", help="read only the image headers (format, size), do not decode them"
+    )
     val.set_defaults(func=_validate)
 
 
@@ -131,9 +136,10 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from tgrl_lib.data.schema import read_manifest, validate_dataset
+    from tgrl_lib.data.schema import read_manifest
+    from tgrl_lib.data.validate import validate_dataset
 
-    problems = validate_dataset(args.dir)
+    problems = validate_dataset(args.dir, decode_images=not args.fast)
     if problems:
         for line in problems:
             print(line, file=sys.stderr)

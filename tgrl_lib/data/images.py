@@ -1,7 +1,9 @@
 """Images as every step reads them: safe loading, and the blank counterfactuals of visual dependency.
 
-- `load_image`: RGB, size-checked from the header before decoding (decompression bombs), transparent pixels
-  composited over white; missing, truncated and non-image files are a `TgrlError` naming the file.
+- `load_image`: RGB, size-checked from the header before decoding (decompression bombs: more than
+  `max_pixels`; extreme aspect ratios such as 5000x1, which vision processors refuse), transparent pixels
+  composited over white; missing, truncated, non-image and non-regular files are a `TgrlError` naming the
+  file. `check_image` runs the same checks with or without decoding (`tgrl data validate --fast`).
 - `blank_images`: uniform images of the same sizes, for the visual-dependency forward.
 """
 
@@ -13,9 +15,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from tgrl_lib.data.reader import open_regular
 from tgrl_lib.errors import TgrlError
 
 DEFAULT_MAX_PIXELS = 6000 * 6000  # refuse bigger images (decompression bombs) before decoding them
+MAX_ASPECT_RATIO = 200  # longer side / shorter side; Qwen2-VL style processors refuse more than 200
 
 
 # ----------------------------------------------------------------------------------------- images
@@ -40,25 +44,52 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image as RGB, refusing missing, truncated, non-image and oversized (> `max_pixels`) files
-    with a `TgrlError` naming the file. The size is checked from the header, before decoding."""
+    """Open an image as RGB, refusing missing, truncated, non-image, oversized (> `max_pixels`) and
+    extremely elongated (> `MAX_ASPECT_RATIO`) files with a `TgrlError` naming the file. The size is
+    checked from the header, before decoding."""
+    image = check_image(path, max_pixels, decode=True)
+    assert image is not None
+    return image
+
+
+def check_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, decode: bool = True):
+    """The checks of `load_image`; with `decode=False` only the header (format, size, aspect ratio) is
+    read and None is returned."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise TgrlError("image file not found", path=path)
+    handle = open_regular(path)  # a FIFO or device is refused before a byte is read
     try:
-        with warnings.catch_warnings():
+        with handle, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise TgrlError(
-                        f"image is {width}x{height} pixels, more than max_pixels={max_pixels}",
-                        path=path,
-                        hint="downscale it, or raise max_pixels if the file is trusted",
-                    )
+            with Image.open(handle) as image:
+                check_size(image.size, max_pixels, path)
+                if not decode:
+                    return None
                 image.load()
                 return _to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except UnidentifiedImageError as err:
+        raise TgrlError("not a readable image (no known image format)", path=path) from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise TgrlError(f"not a readable image: {err}", path=path) from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
         raise TgrlError(f"corrupt or truncated image: {err}", path=path) from err
+
+
+def check_size(size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, path: object = None) -> None:
+    """Refuse an image size with more than `max_pixels` pixels or an aspect ratio above `MAX_ASPECT_RATIO`."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise TgrlError(f"image is {width}x{height} pixels (empty)", path=path)
+    if width * height > max_pixels:
+        raise TgrlError(
+            f"image is {width}x{height} pixels, more than max_pixels={max_pixels}",
+            path=path,
+            hint="downscale it, or raise max_pixels if the file is trusted",
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise TgrlError(
+            f"image is {width}x{height} pixels, an aspect ratio above {MAX_ASPECT_RATIO}:1",
+            path=path,
+            hint="crop or pad it to a less elongated shape",
+        )
