@@ -112,7 +112,7 @@ def test_symlink_escaping_the_dataset_is_refused(tmp_path):
 def test_duplicate_ids_and_bad_json(tmp_path):
     root = tmp_path / "ds"
     with DatasetWriter(root, "problems") as writer:
-        writer.add_image("images/0.png", b"x")
+        writer.add_image("images/0.png", _png(0))
         writer.write([_problem(0, image="images/0.png"), _problem(0, image="images/0.png")])
     dataset = load_dataset(root)
     assert len(dataset.records) == 1 and "duplicate id" in dataset.errors[0].reason

@@ -131,7 +131,8 @@ def test_hf_backend_on_the_tiny_model_rejects_an_undecodable_image(problems, tin
     shutil.copytree(problems, tmp_path / "p")
     dataset = load_dataset(tmp_path / "p")
     victim = dataset.records[1]
-    (tmp_path / "p" / victim.image).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    image = tmp_path / "p" / victim.image  # header intact (the reader's check passes), data cut
+    image.write_bytes(image.read_bytes()[:60])
     config = GenerateConfig(
         expert="hf", model=str(tiny_model_dir), samples_per_problem=2, max_new_tokens=6, temperature=1.0
     )

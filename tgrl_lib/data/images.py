@@ -9,16 +9,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from tgrl_lib.data.reader import open_regular
+from tgrl_lib.data.reader import open_regular, read_regular_bytes, resolve_inside
 from tgrl_lib.errors import TgrlError
 
 DEFAULT_MAX_PIXELS = 6000 * 6000  # refuse bigger images (decompression bombs) before decoding them
+MAX_IMAGE_BYTES = 64 << 20  # one image file
 MAX_ASPECT_RATIO = 200  # longer side / shorter side; Qwen2-VL style processors refuse more than 200
 
 
@@ -58,9 +62,20 @@ def check_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, decod
     path = Path(path)
     if not path.exists():
         raise TgrlError("image file not found", path=path)
-    handle = open_regular(path)  # a FIFO or device is refused before a byte is read
+    with open_regular(path) as handle:  # a FIFO or device is refused before a byte is read
+        return _open_checked(handle, path, max_pixels, decode)
+
+
+def check_image_bytes(data: bytes, path: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """The header checks of `check_image` on bytes already read (and hashed) by the dataset reader."""
+    if not data:
+        raise TgrlError("not a readable image (empty file)", path=path)
+    _open_checked(io.BytesIO(data), path, max_pixels, decode=False)
+
+
+def _open_checked(handle: BinaryIO, path: object, max_pixels: int, decode: bool) -> Image.Image | None:
     try:
-        with handle, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(handle) as image:
                 check_size(image.size, max_pixels, path)
@@ -93,3 +108,23 @@ def check_size(size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, path
             path=path,
             hint="crop or pad it to a less elongated shape",
         )
+
+
+def image_problem(root: Path, rel: str, expected_sha256: str | None) -> str | None:
+    """Why a dataset's image `rel` cannot be used, or None: outside `root`, missing, not a regular file,
+    not the file the manifest hashed (`expected_sha256`, when it lists `rel`), or a header beyond the pixel
+    and aspect-ratio caps. The file is read once: hashed and checked from the same bytes."""
+    try:
+        path = resolve_inside(root, rel)
+        if not path.is_file():
+            return f"image {rel!r} is missing"
+        if expected_sha256 is None:  # not hashed by its writer (`tgrl data validate` reports it)
+            check_image(path, decode=False)
+            return None
+        data = read_regular_bytes(path, MAX_IMAGE_BYTES)
+        if hashlib.sha256(data).hexdigest() != expected_sha256:
+            return f"image {rel!r} does not match its sha256 in the manifest (changed after it was written)"
+        check_image_bytes(data, path)
+    except TgrlError as err:
+        return f"image {rel!r}: {str(err).removeprefix(f'{err.path}: ')}"
+    return None

@@ -250,29 +250,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20, *, regular: bool = False) -> s
     return digest.hexdigest()
 
 
-def listed_file_problem(root: Path, rel: str, files: dict[str, str] | None) -> str | None:
-    """Why the dataset file `rel` (an image) cannot be used: outside `root`, missing, not a regular file,
-    or (given the manifest's `files`) not listed there or different from its sha256; None when fine."""
-    try:
-        path = resolve_inside(root, rel)
-    except TgrlError as err:
-        return f"image {rel!r}: {err}"
-    if not path.is_file():
-        return f"image {rel!r} is missing"
-    if files is None:
-        return None
-    expected = files.get(rel)
-    if expected is None:
-        return f"image {rel!r} is not listed in the manifest (added after the dataset was written)"
-    try:
-        actual = sha256_file(path, regular=True)
-    except TgrlError as err:
-        return f"image {rel!r}: {err}"
-    if actual != expected:
-        return f"image {rel!r} does not match its sha256 in the manifest (changed after it was written)"
-    return None
-
-
 def utf8_encodable(text: str) -> bool:
     try:
         text.encode("utf-8")

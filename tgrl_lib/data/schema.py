@@ -25,7 +25,6 @@ from tgrl_lib.data.reader import (
     LONE_SURROGATE,
     check_relative_path,
     iter_json_lines,
-    listed_file_problem,
     parse_json_line,
     read_json_file,
     resolve_inside,
@@ -248,8 +247,8 @@ def load_dataset(
 
     Every row is validated (schema, duplicate ids, image inside the directory and present); bad rows land in
     `Dataset.errors`, or raise when `strict`. With `verify_hashes`, a records.jsonl whose sha256 differs from
-    the manifest is refused, and a problem whose image is not listed in the manifest or differs from its
-    sha256 there (swapped after the dataset was written) is a bad row; each image is hashed once per call.
+    the manifest is refused, and a problem whose image differs from its sha256 in the manifest (swapped after
+    the dataset was written) is a bad row; each image is hashed once per call.
     """
     root = Path(root)
     manifest = read_manifest(root)
@@ -298,6 +297,8 @@ class _RowChecks:
         self.image_reasons: dict[str, str | None] = {}
 
     def row_error(self, item: Any, number: int) -> RowError | None:
+        from tgrl_lib.data.images import image_problem  # PIL: only when problems are read
+
         if not isinstance(item, Problem):
             return None
         if item.id in self.seen:
@@ -305,7 +306,8 @@ class _RowChecks:
             return RowError(RECORDS, number, reason, dumps_record(item))
         self.seen[item.id] = number
         if item.image not in self.image_reasons:
-            self.image_reasons[item.image] = listed_file_problem(self.root, item.image, self.files)
+            expected = None if self.files is None else self.files.get(item.image)
+            self.image_reasons[item.image] = image_problem(self.root, item.image, expected)
         reason = self.image_reasons[item.image]
         return None if reason is None else RowError(RECORDS, number, reason, dumps_record(item))
 

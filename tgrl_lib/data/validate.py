@@ -43,7 +43,9 @@ def validate_dataset(root: Path | str, *, decode_images: bool = True) -> list[st
     ]
     if manifest.kind != "rejected" and not dataset.records and not dataset.errors:
         problems.append(f"{root / RECORDS}: no records: an empty {manifest.kind} dataset cannot be used")
-    problems += _listed_file_problems(root, manifest) + _image_problems(dataset, decode_images)
+    problems += _listed_file_problems(root, manifest)
+    if decode_images:  # headers were checked by load_dataset
+        problems += _decode_problems(dataset)
     listed = set(manifest.files)
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
@@ -73,7 +75,7 @@ def _listed_file_problems(root: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def _image_problems(dataset: Dataset, decode: bool) -> list[str]:
+def _decode_problems(dataset: Dataset) -> list[str]:
     """Each distinct image of a problems dataset opened as training opens it, reported on its first row."""
     problems, seen = [], set()
     for problem, line in zip(dataset.records, dataset.lines, strict=True):
@@ -81,7 +83,7 @@ def _image_problems(dataset: Dataset, decode: bool) -> list[str]:
             continue
         seen.add(problem.image)
         try:
-            check_image(dataset.image_path(problem), decode=decode)
+            check_image(dataset.image_path(problem), decode=True)
         except TgrlError as err:
             reason = str(err).removeprefix(f"{err.path}: ")
             problems.append(f"{dataset.root / RECORDS}:{line}: image {problem.image!r}: {reason}")
