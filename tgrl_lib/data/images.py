@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,8 @@ def check_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, decod
     if not path.exists():
         raise TgrlError("image file not found", path=path)
     with open_regular(path) as handle:  # a FIFO or device is refused before a byte is read
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise TgrlError("not a readable image (empty file)", path=path)
         return _open_checked(handle, path, max_pixels, decode)
 
 
