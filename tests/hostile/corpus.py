@@ -63,9 +63,12 @@ IMPORT_ROWS = [
     (11, "absolute path", "refused"),
     (12, "symlink escaping the images folder", "outside"),
     (13, "duplicate id", "duplicate id"),
-    (14, "JSON array instead of an object", "expected an object"),
+    (14, "JSON array instead of an object", "expected a JSON object"),
     (15, "unpaired surrogate in the question", "unicode"),
     (16, "image path with a NUL byte", "control characters"),
+    (17, "invalid UTF-8 in the question", "invalid UTF-8"),  # was silently replaced (U+FFFD) and kept
+    (18, "duplicate key", "duplicate key 'answer'"),  # the last value silently won
+    (19, "nested 100,000 levels deep", "nested deeper than 32"),  # was a RecursionError traceback
 ]
 
 
@@ -95,9 +98,17 @@ def benchmark_file(root: Path) -> Path:
         "[1, 2, 3]",
         json.dumps(mathvision_row("15", question="How many \ud800 dots?", image="images/x.png")),
         json.dumps(mathvision_row("16", image="images/x\u0000.png")),
+        json.dumps(mathvision_row("17", question="QUESTION", image="images/x.png")),
+        duplicate_key(json.dumps(mathvision_row("18", image="images/x.png")), "answer", "13"),
+        json.dumps(mathvision_row("19", image="images/x.png"))[:-1]
+        + ', "meta": '
+        + "[" * 100_000
+        + "]" * 100_000
+        + "}",
     ]
+    data = "\n".join(rows).encode("utf-8", "surrogatepass") + b"\n\n"
     path = bench / "test.jsonl"
-    path.write_text("\n".join(rows) + "\n\n", encoding="utf-8")
+    path.write_bytes(data.replace(b"QUESTION", b"How many \xff\xfe dots?"))
     return path
 
 

@@ -80,9 +80,12 @@ def _file_kind(mode: int) -> str:
     return "a special file"
 
 
-def iter_json_lines(path: Path | str) -> Iterator[tuple[int, dict[str, Any] | None, LineError | None]]:
+def iter_json_lines(
+    path: Path | str, *, allow_constants: bool = False
+) -> Iterator[tuple[int, dict[str, Any] | None, LineError | None]]:
     """`(line_number, object, None)` for every good non-empty line, `(line_number, None, LineError)` for
-    every bad one. Raises only when the file itself cannot be opened (see `open_regular`)."""
+    every bad one. Raises only when the file itself cannot be opened (see `open_regular`).
+    `allow_constants` lets NaN/Infinity through (benchmark files exported by pandas hold them)."""
     with open_regular(path) as handle:
         for number, data in _bounded_lines(handle):
             if data is None:
@@ -90,7 +93,7 @@ def iter_json_lines(path: Path | str) -> Iterator[tuple[int, dict[str, Any] | No
                 continue
             if not data.strip():
                 continue
-            obj, error = parse_json_line(data)
+            obj, error = parse_json_line(data, allow_constants=allow_constants)
             yield number, obj, error
 
 
@@ -111,7 +114,9 @@ def _bounded_lines(handle: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
         yield number, data
 
 
-def parse_json_line(data: bytes | str) -> tuple[dict[str, Any] | None, LineError | None]:
+def parse_json_line(
+    data: bytes | str, *, allow_constants: bool = False
+) -> tuple[dict[str, Any] | None, LineError | None]:
     """One row: strict UTF-8, a JSON object within the caps, or the reason it is not."""
     if isinstance(data, bytes):
         try:
@@ -124,7 +129,7 @@ def parse_json_line(data: bytes | str) -> tuple[dict[str, Any] | None, LineError
     if len(text) > MAX_LINE_BYTES:
         return None, LineError(f"line longer than {MAX_LINE_BYTES >> 20} MiB", text[:10_000])
     try:
-        obj = loads_strict(text)
+        obj = loads_strict(text, allow_constants=allow_constants)
     except ValueError as err:
         return None, LineError(f"invalid JSON ({err})", text[:10_000])
     if not isinstance(obj, dict):
@@ -133,10 +138,12 @@ def parse_json_line(data: bytes | str) -> tuple[dict[str, Any] | None, LineError
     return (None, LineError(reason, text[:10_000])) if reason else (obj, None)
 
 
-def loads_strict(text: str) -> Any:
-    """`json.loads` refusing duplicate keys, NaN/Infinity and nesting Python cannot parse (ValueError)."""
+def loads_strict(text: str, *, allow_constants: bool = False) -> Any:
+    """`json.loads` refusing duplicate keys, NaN/Infinity (unless `allow_constants`) and nesting Python
+    cannot parse (ValueError)."""
+    constant = float if allow_constants else _refuse_constant
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=constant)
     except RecursionError:
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
 
@@ -159,7 +166,7 @@ def check_bounds(obj: Any, text: str) -> str | None:
     deep = text.count("[") + text.count("{") > MAX_DEPTH
     long = len(text) > MAX_FIELD_CHARS
     if deep or long:
-        reason = _walk(obj)
+        reason = check_value(obj)
         if reason:
             return reason
     if "\\u" in text and not utf8_encodable(json.dumps(obj, ensure_ascii=False)):
@@ -167,7 +174,7 @@ def check_bounds(obj: Any, text: str) -> str | None:
     return None
 
 
-def _walk(obj: Any) -> str | None:
+def check_value(obj: Any) -> str | None:
     """Depth and string sizes of a parsed object, iteratively (no recursion on hostile input)."""
     stack: list[tuple[Any, int, str]] = [(obj, 1, "")]
     while stack:
@@ -199,7 +206,7 @@ def read_json_file(path: Path | str, max_bytes: int = MAX_JSON_FILE_BYTES) -> An
         obj = loads_strict(text)
     except ValueError as err:
         raise TgrlError(f"invalid JSON ({err})", path=path) from None
-    reason = _walk(obj) if text.count("[") + text.count("{") > MAX_DEPTH else None
+    reason = check_value(obj) if text.count("[") + text.count("{") > MAX_DEPTH else None
     if reason:
         raise TgrlError(reason, path=path)
     return obj
