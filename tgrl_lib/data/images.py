@@ -4,6 +4,9 @@
   `max_pixels`; extreme aspect ratios such as 5000x1, which vision processors refuse), transparent pixels
   composited over white; missing, truncated, non-image and non-regular files are a `TgrlError` naming the
   file. `check_image` runs the same checks with or without decoding (`tgrl data validate --fast`).
+- `image_problem`: what `schema.load_dataset` asks of each distinct image once per load: inside the
+  dataset, a regular file, the bytes the manifest hashed (an image swapped after the manifest was written
+  is refused), a header within the caps; the file is read once, hashed and checked from the same bytes.
 - `blank_images`: uniform images of the same sizes, for the visual-dependency forward.
 """
 

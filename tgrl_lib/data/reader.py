@@ -60,8 +60,9 @@ def open_regular(path: Path | str) -> BinaryIO:
     except FileNotFoundError:
         raise TgrlError("file not found", path=path) from None
     except OSError as err:  # ELOOP: a symlink; EACCES ...
-        kind = "a symlink" if path.is_symlink() else f"not readable ({err.strerror})"
-        raise TgrlError(f"is {kind}: dataset files must be regular files", path=path) from None
+        if path.is_symlink():
+            raise TgrlError("is a symlink: dataset files must be regular files", path=path) from None
+        raise TgrlError(f"cannot be read ({err.strerror})", path=path) from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
@@ -87,9 +88,10 @@ def iter_json_lines(
     every bad one. Raises only when the file itself cannot be opened (see `open_regular`).
     `allow_constants` lets NaN/Infinity through (benchmark files exported by pandas hold them)."""
     with open_regular(path) as handle:
-        for number, data in _bounded_lines(handle):
-            if data is None:
-                yield number, None, LineError(f"line longer than {MAX_LINE_BYTES >> 20} MiB", "")
+        for number, data, complete in _bounded_lines(handle):
+            if not complete:
+                head = data[:10_000].decode("utf-8", "backslashreplace")
+                yield number, None, LineError(f"line longer than {MAX_LINE_BYTES >> 20} MiB", head)
                 continue
             if not data.strip():
                 continue
@@ -97,21 +99,18 @@ def iter_json_lines(
             yield number, obj, error
 
 
-def _bounded_lines(handle: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
-    """Lines split on `\\n`, each at most `MAX_LINE_BYTES` (None in place of a longer one, whose rest is
-    read past in chunks, never held)."""
+def _bounded_lines(handle: BinaryIO) -> Iterator[tuple[int, bytes, bool]]:
+    """`(number, line, complete)` split on `\\n`; a line over `MAX_LINE_BYTES` comes as its first
+    `MAX_LINE_BYTES` bytes with `complete=False`, and its rest is read past in chunks, never held."""
     number = 0
-    while True:
-        data = handle.readline(MAX_LINE_BYTES + 1)
-        if not data:
-            return
+    while data := handle.readline(MAX_LINE_BYTES + 1):
         number += 1
         if len(data) > MAX_LINE_BYTES and not data.endswith(b"\n"):
             while (rest := handle.readline(_CHUNK)) and not rest.endswith(b"\n"):
                 pass
-            yield number, None
+            yield number, data, False
             continue
-        yield number, data
+        yield number, data, True
 
 
 def parse_json_line(
