@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,9 @@ from tgrl_lib.errors import TgrlError
 DEFAULT_MAX_PIXELS = 6000 * 6000  # refuse bigger images (decompression bombs) before decoding them
 MAX_IMAGE_BYTES = 64 << 20  # one image file
 MAX_ASPECT_RATIO = 200  # longer side / shorter side; Qwen2-VL style processors refuse more than 200
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------------------- images
@@ -73,9 +77,14 @@ def check_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, decod
 
 
 def check_image_bytes(data: bytes, path: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """The header checks of `check_image` on bytes already read (and hashed) by the dataset reader."""
+    """The header checks of `check_image` on bytes already read (and hashed) by the dataset reader. A PNG's
+    size is read from its IHDR chunk directly (a tenth of the cost of `Image.open`); other formats go
+    through PIL."""
     if not data:
         raise TgrlError("not a readable image (empty file)", path=path)
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        check_size(struct.unpack(">II", data[16:24]), max_pixels, path)
+        return
     _open_checked(io.BytesIO(data), path, max_pixels, decode=False)
 
 
@@ -116,12 +125,14 @@ def check_size(size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, path
         )
 
 
-def image_problem(root: Path, rel: str, expected_sha256: str | None) -> str | None:
+def image_problem(
+    root: Path, rel: str, expected_sha256: str | None, *, root_real: Path | None = None
+) -> str | None:
     """Why a dataset's image `rel` cannot be used, or None: outside `root`, missing, not a regular file,
     not the file the manifest hashed (`expected_sha256`, when it lists `rel`), or a header beyond the pixel
     and aspect-ratio caps. The file is read once: hashed and checked from the same bytes."""
     try:
-        path = resolve_inside(root, rel)
+        path = resolve_inside(root, rel, root_real=root_real)
         if not path.is_file():
             return f"image {rel!r} is missing"
         if expected_sha256 is None:  # not hashed by its writer (`tgrl data validate` reports it)

@@ -234,13 +234,14 @@ def check_relative_path(value: str) -> PurePosixPath:
     return path
 
 
-def resolve_inside(root: Path, relpath: str) -> Path:
-    """`root/relpath`, refusing anything (symlinks included) that resolves outside `root`."""
+def resolve_inside(root: Path, relpath: str, *, root_real: Path | None = None) -> Path:
+    """`root/relpath`, refusing anything (symlinks included) that resolves outside `root`; `root_real`:
+    `root.resolve()` when the caller already has it (a reader resolving many paths)."""
     try:
         check_relative_path(relpath)
     except ValueError as err:
         raise TgrlError(str(err), path=root) from None
-    root_real = root.resolve()
+    root_real = root_real or root.resolve()
     target = (root / relpath).resolve()
     if target != root_real and root_real not in target.parents:
         raise TgrlError(f"{relpath!r} resolves outside the dataset directory", path=root)

@@ -292,7 +292,7 @@ class _RowChecks:
     and (given the manifest's `files`) the image's sha256, computed once per image."""
 
     def __init__(self, root: Path, files: dict[str, str] | None):
-        self.root, self.files = root, files
+        self.root, self.files, self.root_real = root, files, root.resolve()
         self.seen: dict[str, int] = {}
         self.image_reasons: dict[str, str | None] = {}
 
@@ -307,7 +307,9 @@ class _RowChecks:
         self.seen[item.id] = number
         if item.image not in self.image_reasons:
             expected = None if self.files is None else self.files.get(item.image)
-            self.image_reasons[item.image] = image_problem(self.root, item.image, expected)
+            self.image_reasons[item.image] = image_problem(
+                self.root, item.image, expected, root_real=self.root_real
+            )
         reason = self.image_reasons[item.image]
         return None if reason is None else RowError(RECORDS, number, reason, dumps_record(item))
 
