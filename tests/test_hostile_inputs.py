@@ -12,6 +12,7 @@ Earlier tests hold more hostile cases (`test_generate.py`, `test_filtering.py`, 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from hostile.corpus import (
     trajectory_line,
     truncated_png,
 )
+from PIL import Image
 
 from tgrl_lib.cli import main
 from tgrl_lib.data.schema import MANIFEST, RECORDS, load_dataset, write_dataset
@@ -258,13 +260,25 @@ def test_validate_opens_every_image_as_training_does(problems, tmp_path, capsys,
     assert len(dataset.records) + len(dataset.errors) == 4 and len(dataset.errors) == int(fast)
 
 
+def _jpeg(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 10)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
 def test_validate_positive_control_for_images(problems, tmp_path, capsys):
     root = copy_with_lines(problems, tmp_path / "d", {})
     image_of_line(root, 2).write_bytes(png(size=(200, 1)))  # at the aspect-ratio cap: allowed
+    image_of_line(root, 3).write_bytes(_jpeg((64, 48)))  # not a PNG: the header goes through PIL
     rehash(root)
     for args in ((), ("--fast",)):
         code, stdout, err = tgrl(capsys, "data", "validate", root, *args)
         assert code == 0 and "valid problems dataset, 4 records" in stdout, err
+    assert load_dataset(root).errors == []
+    image_of_line(root, 3).write_bytes(_jpeg((2010, 10)))  # beside it: an elongated JPEG is refused
+    rehash(root)
+    [error] = load_dataset(root).errors
+    assert error.line == 3 and "2010x10 pixels, an aspect ratio above 200:1" in error.reason
 
 
 def test_an_image_swapped_after_the_manifest_is_refused_wherever_it_is_read(
