@@ -7,7 +7,10 @@ A dataset is a directory (DESIGN.md §3)::
     images/          image files referenced by records with a relative path
 
 The manifest is written last (atomically, by rename): a directory without a valid manifest is incomplete
-and is never read. Readers validate every row and report `records.jsonl:LINE: reason`.
+and is never read. Every file is read through the bounded reader (`data.reader`: regular files, size caps,
+strict UTF-8, unique keys, bounded nesting); `load_dataset` validates every row, checks each problem image
+once (sha256 against the manifest, header caps) and reports `records.jsonl:LINE: reason`. The stricter
+whole-directory check of `tgrl data validate` is `data.validate`.
 """
 
 from __future__ import annotations
