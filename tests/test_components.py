@@ -17,7 +17,8 @@ from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 from tgrl_lib.kfp_components.prepare_data import prepare_data
 
 from tgrl_lib import steps
-from tgrl_lib.data.schema import load_dataset, validate_dataset
+from tgrl_lib.data.schema import load_dataset
+from tgrl_lib.data.validate import validate_dataset
 
 N_TRAIN, N_TEST = 12, 6
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tgrl_lib.config import GenerateConfig
-from tgrl_lib.data.schema import MANIFEST, RECORDS, load_dataset, read_manifest, validate_dataset
+from tgrl_lib.data.schema import MANIFEST, RECORDS, load_dataset, read_manifest
 from tgrl_lib.data.synthetic import synthesize
+from tgrl_lib.data.validate import validate_dataset
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.generation.run import generate_trajectories
 

@@ -12,8 +12,10 @@ Earlier tests hold more hostile cases (`test_generate.py`, `test_filtering.py`, 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,13 +27,21 @@ from hostile.corpus import (
     CONFIGS,
     IMPORT_ROWS,
     benchmark_file,
+    bomb_png,
     copy_with_lines,
+    duplicate_key,
     first_image,
+    image_of_line,
+    invalid_utf8,
+    nested,
+    png,
     rehash,
     row,
     trajectories,
     trajectory_line,
+    truncated_png,
 )
+from PIL import Image
 
 from tgrl_lib.cli import main
 from tgrl_lib.data.schema import MANIFEST, RECORDS, load_dataset, write_dataset
@@ -166,7 +176,17 @@ def _validate_row_cases():
         ("missing_image", p, 2, lambda s, i: row(s, 2, image="images/none.png"), "missing"),
         ("truncated_row", p, 2, lambda s, i: row(s, 2)[:40], "invalid JSON"),
         ("huge_row", p, 2, lambda s, i: '{"id": "' + "x" * 5_000_000, "invalid JSON"),
-    ]
+        # the bounded reader (issue 17): each of these was kept, replaced or a traceback before
+        ("deep_nesting", p, 2, lambda s, i: nested(row(s, 2), 100_000), "nested deeper than 32"),
+        ("nested_one_too_deep", p, 2, lambda s, i: nested(row(s, 2), 31), "nested deeper than 32"),
+        ("deep_trajectory_meta", t, 2, lambda s, i: nested(trajectory_line(i), 5_000), "nested deeper"),
+        ("duplicate_key", p, 2, lambda s, i: duplicate_key(row(s, 2), "answer", "7"), "key 'answer'"),
+        ("duplicate_key_nested", t, 2, lambda s, i: trajectory_line(i, meta='{"n": 1, "n": 2}'),
+         "duplicate key 'n'"),
+        ("invalid_utf8", p, 2, lambda s, i: invalid_utf8(row(s, 2)), "invalid UTF-8"),
+        ("huge_field", p, 2, lambda s, i: row(s, 2, question="x" * 2_000_000), "field question is 2000000"),
+        ("question_50mb", p, 2, lambda s, i: row(s, 2, question="x" * 50_000_000), "line longer than 8 MiB"),
+    ]  # fmt: skip
 
 
 VALIDATE_ROWS = _validate_row_cases()
@@ -191,6 +211,165 @@ def test_validate_names_file_and_line_of_each_bad_row(problems, pid, tmp_path, c
     assert len(rows) == 1 and words in rows[0], err
     assert err.splitlines()[-1] == f"{root}: 1 problem(s)"
     assert len(load_dataset(root).records) == 2 if kind == "trajectories" else 3  # the rest stays usable
+
+
+def test_reader_limits_positive_control(problems, pid, tmp_path, capsys):
+    """Beside the cases above: rows at the limits (nesting exactly 32 deep, a string of exactly 1 MiB
+    characters, non-ASCII UTF-8, the same key in different objects) are good rows."""
+    text = "é ∑ 🙂 " + "x" * ((1 << 20) - 8)
+    root = copy_with_lines(problems, tmp_path / "d", {
+        2: nested(row(problems, 2), 30),  # top object 1 + meta 2 + 30 arrays = 32 levels
+        3: row(problems, 3, question=text, meta={"a": {"n": 1}, "b": {"n": 2}}),
+    })  # fmt: skip
+    code, stdout, err = tgrl(capsys, "data", "validate", root)
+    assert code == 0 and "valid problems dataset, 4 records" in stdout, err
+    assert load_dataset(root).records[2].question == text
+
+
+def _image_cases():
+    """(name, bytes for the image of line 2, words of the reason, also refused by `--fast`)."""
+    return [
+        ("zero_byte", b"", "empty file", True),
+        ("not_an_image", b"<html>not an image</html>", "no known image format", True),
+        ("truncated", truncated_png(), "corrupt or truncated", False),  # header fine: only decoding fails
+        ("decompression_bomb", bomb_png(), "decompression bomb", True),
+        ("wide_5000x1", png(size=(5000, 1)), "5000x1 pixels, an aspect ratio above 200:1", True),
+        ("tall_1x3000", png(size=(1, 3000)), "1x3000 pixels, an aspect ratio above 200:1", True),
+    ]
+
+
+IMAGE_CASES = _image_cases()
+
+
+@pytest.mark.parametrize(("name", "data", "words", "fast"), IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+def test_validate_opens_every_image_as_training_does(problems, tmp_path, capsys, name, data, words, fast):
+    root = copy_with_lines(problems, tmp_path / "d", {})
+    image = image_of_line(root, 2)
+    image.write_bytes(data)
+    rehash(root)  # the manifest agrees: only opening the image can find it
+    for args, refused in (((), True), (("--fast",), fast)):
+        code, stdout, err = tgrl(capsys, "data", "validate", root, *args)
+        if not refused:
+            assert code == 0 and "valid problems dataset" in stdout, err
+            continue
+        assert code == 1 and "Traceback" not in err
+        [line] = [x for x in err.splitlines() if f"{RECORDS}:" in x]
+        where = f"{root / RECORDS}:2: image '{image.relative_to(root)}'"
+        assert line.startswith(where) and words in line, err
+    dataset = load_dataset(root)  # as steps read it: header problems are a bad row, counts reconcile
+    assert len(dataset.records) + len(dataset.errors) == 4 and len(dataset.errors) == int(fast)
+
+
+def _jpeg(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 10)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_validate_positive_control_for_images(problems, tmp_path, capsys):
+    root = copy_with_lines(problems, tmp_path / "d", {})
+    image_of_line(root, 2).write_bytes(png(size=(200, 1)))  # at the aspect-ratio cap: allowed
+    image_of_line(root, 3).write_bytes(_jpeg((64, 48)))  # not a PNG: the header goes through PIL
+    rehash(root)
+    for args in ((), ("--fast",)):
+        code, stdout, err = tgrl(capsys, "data", "validate", root, *args)
+        assert code == 0 and "valid problems dataset, 4 records" in stdout, err
+    assert load_dataset(root).errors == []
+    image_of_line(root, 3).write_bytes(_jpeg((2010, 10)))  # beside it: an elongated JPEG is refused
+    rehash(root)
+    [error] = load_dataset(root).errors
+    assert error.line == 3 and "2010x10 pixels, an aspect ratio above 200:1" in error.reason
+
+
+def test_an_image_swapped_after_the_manifest_is_refused_wherever_it_is_read(
+    problems, tiny_model_dir, tmp_path, capsys
+):
+    root = copy_with_lines(problems, tmp_path / "b", {})
+    image = image_of_line(root, 2)
+    image.write_bytes(png(color=(1, 2, 3), size=(56, 56)))  # a good image, but not the one hashed
+    code, _, err = tgrl(capsys, "data", "validate", root)
+    assert code == 1 and f"{image}: sha256 does not match the manifest" in err
+    dataset = load_dataset(root)
+    [error] = dataset.errors
+    assert error.line == 2 and "does not match its sha256 in the manifest" in error.reason
+    assert len(dataset.records) + len(dataset.errors) == dataset.manifest.count  # input = kept + rejected
+    code, _, err = tgrl(capsys, "eval", "--model", tiny_model_dir, "--out", tmp_path / "r", "--benchmark",
+                        f"x={root}", "--set", "sampling.max_new_tokens=2")  # fmt: skip
+    one_line_error(code, err, str(root), f"{RECORDS}:2: image", "does not match its sha256")
+    code, stdout, _ = tgrl(capsys, "generate", "--problems", root, "--out", tmp_path / "t", "--samples", "1")
+    assert code == 0 and "3 generated, 1 rejected" in stdout
+    [rejected] = load_dataset(tmp_path / "t.rejected", "rejected").records
+    assert rejected.line == 2 and "sha256" in rejected.reason
+    rehash(root)  # positive control: the same image, hashed into the manifest, is used
+    assert load_dataset(root).errors == [] and tgrl(capsys, "data", "validate", root)[0] == 0
+
+
+def test_eval_and_train_refuse_an_elongated_image_in_one_line(problems, tiny_model_dir, tmp_path, capsys):
+    """A 5000x1 image used to end eval and train in a processor traceback: now its row is refused
+    (eval: the benchmark, in one line; train: the row is skipped and training runs on the rest)."""
+    root = copy_with_lines(problems, tmp_path / "b", {})
+    image_of_line(root, 2).write_bytes(png(size=(5000, 1)))
+    rehash(root)
+    code, _, err = tgrl(capsys, "eval", "--model", tiny_model_dir, "--out", tmp_path / "r", "--benchmark",
+                        f"x={root}", "--set", "sampling.max_new_tokens=2")  # fmt: skip
+    one_line_error(code, err, str(root), f"{RECORDS}:2: image", "aspect ratio above 200:1")
+    overrides = [
+        f"model={tiny_model_dir}",
+        "algorithm=grpo",
+        "steps=1",
+        "group_size=2",
+        "problems_per_step=2",
+    ]
+    code, _, err = tgrl(capsys, "train", "--problems", root, "--out", tmp_path / "o",
+                        *[a for o in overrides for a in ("--set", o)])  # fmt: skip
+    assert code == 0 and "Traceback" not in err, err
+
+
+def _run_cli(*argv, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`tgrl ARGV` in a child process (a hang fails the test instead of stopping the suite)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "tgrl_lib.cli", *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)  # fmt: skip
+
+
+def _special_files():
+    def fifo(path: Path) -> None:
+        os.mkfifo(path)
+
+    def dev_zero(path: Path) -> None:
+        path.symlink_to("/dev/zero")
+
+    return [
+        ("records_fifo", RECORDS, fifo, "is a FIFO (named pipe), not a regular file"),
+        ("records_dev_zero", RECORDS, dev_zero, "is a symlink: dataset files must be regular files"),
+        ("manifest_fifo", MANIFEST, fifo, "is a FIFO (named pipe), not a regular file"),
+        ("manifest_dev_zero", MANIFEST, dev_zero, "is a symlink"),
+    ]
+
+
+SPECIAL_FILES = _special_files()
+
+
+@pytest.mark.parametrize(("name", "file", "make", "words"), SPECIAL_FILES, ids=[c[0] for c in SPECIAL_FILES])
+def test_special_files_in_a_dataset_are_refused_without_reading_them(problems, tmp_path, name, file, make,
+                                                                    words):  # fmt: skip
+    """A FIFO hung `validate`; a symlink to /dev/zero exhausted memory: both are refused at once."""
+    root = copy_with_lines(problems, tmp_path / "d", {})
+    (root / file).unlink()
+    make(root / file)
+    result = _run_cli("data", "validate", root)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert words in result.stderr and str(root / file) in result.stderr, result.stderr
+    with pytest.raises(TgrlError, match=re.escape(words.split(":")[0])):
+        load_dataset(root)
+
+
+def test_empty_dataset_is_refused_by_validate(problems, tmp_path, capsys):
+    write_dataset(tmp_path / "empty", "problems", [])
+    code, _, err = tgrl(capsys, "data", "validate", tmp_path / "empty")
+    assert code == 1 and "no records: an empty problems dataset cannot be used" in err
+    write_dataset(tmp_path / "none_rejected", "rejected", [])  # positive control: nothing was rejected
+    assert tgrl(capsys, "data", "validate", tmp_path / "none_rejected")[0] == 0
 
 
 def test_validate_flags_a_symlink_escaping_the_dataset(problems, tmp_path, capsys):
@@ -229,7 +408,33 @@ def _validate_fatal_cases():
         data["files"]["../outside.txt"] = "0" * 64
         (root / MANIFEST).write_text(json.dumps(data))
 
+    def listed_missing(src: Path, root: Path) -> None:
+        data = json.loads((root / MANIFEST).read_text())
+        data["files"]["images/ghost.png"] = "0" * 64
+        (root / MANIFEST).write_text(json.dumps(data))
+
+    def not_utf8(src: Path, root: Path) -> None:
+        (root / MANIFEST).write_bytes(b'{"kind": "pro\xffblems", "count": 4, "files": {}}')
+
+    def deep(text: str) -> str:
+        return text.rstrip()[:-1] + ', "x": ' + "[" * 50_000 + "]" * 50_000 + "}"
+
+    def manifest_text(edit):
+        def build(src: Path, root: Path) -> None:
+            text = (root / MANIFEST).read_text()
+            (root / MANIFEST).write_text(edit(text))
+
+        return build
+
     return [
+        ("listed_file_missing", listed_missing, "images/ghost.png: listed in the manifest but missing"),
+        (
+            "manifest_duplicate_key",
+            manifest_text(lambda t: t.replace('"kind"', '"count": 4, "kind"', 1)),
+            "duplicate key 'count'",
+        ),
+        ("manifest_deep", manifest_text(deep), "nested deeper than 32"),
+        ("manifest_not_utf8", not_utf8, "invalid manifest: invalid UTF-8"),
         ("no_manifest", no_manifest, "no manifest.json"),
         ("manifest_not_json", manifest("{not json"), "invalid manifest"),
         ("manifest_bad_kind", manifest('{"kind": "pictures", "count": 0, "files": {}}'), "invalid manifest"),
@@ -299,8 +504,8 @@ def test_an_expert_answer_utf8_cannot_hold_is_kept_with_a_replacement_mark(probl
 def test_empty_datasets_give_empty_outputs_and_are_refused_where_they_are_consumed(
     problems, pid, tiny_model_dir, tmp_path, capsys
 ):
-    """An empty problems or trajectories dataset is valid and maps to an empty output (0 in = 0 + 0);
-    training and evaluation, which cannot use it, refuse it in one line."""
+    """An empty problems or trajectories dataset maps to an empty output (0 in = 0 + 0); training and
+    evaluation, which cannot use it, refuse it in one line (and so does `tgrl data validate`, below)."""
     write_dataset(tmp_path / "no_problems", "problems", [])
     write_dataset(tmp_path / "no_traj", "trajectories", [], meta={"problems": str(problems)})
     empty = tmp_path / "no_problems"
@@ -406,11 +611,12 @@ def test_unusable_eval_inputs_fail_in_one_line(problems, tiny_model_dir, tmp_pat
 def test_eval_with_an_undecodable_image_names_the_file(problems, tiny_model_dir, tmp_path, capsys):
     root = tmp_path / "b"
     shutil.copytree(problems, root)
-    first_image(root).write_text("not an image")
+    image = first_image(root)
+    image.write_bytes(image.read_bytes()[:60])  # the header passes the reader's check, decoding fails
     rehash(root)
     code, _, err = tgrl(capsys, "eval", "--model", tiny_model_dir, "--out", tmp_path / "r", "--benchmark",
                         f"x={root}", "--set", "sampling.max_new_tokens=2")  # fmt: skip
-    one_line_error(code, err, str(first_image(root)), "not a readable image")
+    one_line_error(code, err, str(image), "corrupt or truncated image")
 
 
 def test_eval_never_drops_a_bad_benchmark_row_silently(problems, tiny_model_dir, tmp_path, capsys):
@@ -618,6 +824,9 @@ def test_corpus_counts(record_property):
         "import files": len(IMPORT_FATAL),
         "validate rows": len(VALIDATE_ROWS) + 1,  # + the escaping symlink
         "validate datasets": len(VALIDATE_FATAL),
+        "images opened by validate": len(IMAGE_CASES),
+        "special files (FIFO, /dev/zero)": len(SPECIAL_FILES),
+        "swapped image, elongated image in eval/train, empty dataset": 3,
         "generate rows": 3,
         "expert answers": 1,
         "empty datasets": 4,

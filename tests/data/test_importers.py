@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from tgrl_lib.data.importers import import_benchmark
-from tgrl_lib.data.schema import load_dataset, validate_dataset
+from tgrl_lib.data.schema import load_dataset
+from tgrl_lib.data.validate import validate_dataset
 from tgrl_lib.errors import TgrlError
 
 

@@ -1,8 +1,10 @@
 """Data contracts: records, dataset directories, manifest-last, row-level errors, safe paths."""
 
+import io
 import json
 
 import pytest
+from PIL import Image
 
 from tgrl_lib.data.schema import (
     DatasetWriter,
@@ -12,9 +14,9 @@ from tgrl_lib.data.schema import (
     check_relative_path,
     load_dataset,
     resolve_inside,
-    validate_dataset,
     write_dataset,
 )
+from tgrl_lib.data.validate import validate_dataset
 from tgrl_lib.errors import TgrlError
 
 
@@ -26,10 +28,16 @@ def _problem(i: int, **extra) -> Problem:
     return Problem(**fields)
 
 
+def _png(shade: int, size=(8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (shade, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _write(root, n=3):
     with DatasetWriter(root, "problems") as writer:
         for i in range(n):
-            writer.add_image(f"images/{i}.png", b"png-bytes-%d" % i)
+            writer.add_image(f"images/{i}.png", _png(i))
         writer.write([_problem(i) for i in range(n)])
     return root
 
@@ -104,7 +112,7 @@ def test_symlink_escaping_the_dataset_is_refused(tmp_path):
 def test_duplicate_ids_and_bad_json(tmp_path):
     root = tmp_path / "ds"
     with DatasetWriter(root, "problems") as writer:
-        writer.add_image("images/0.png", b"x")
+        writer.add_image("images/0.png", _png(0))
         writer.write([_problem(0, image="images/0.png"), _problem(0, image="images/0.png")])
     dataset = load_dataset(root)
     assert len(dataset.records) == 1 and "duplicate id" in dataset.errors[0].reason

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tgrl_lib.data import render
-from tgrl_lib.data.schema import load_dataset, validate_dataset
+from tgrl_lib.data.schema import load_dataset
 from tgrl_lib.data.synthetic import (
     DIFFICULTIES,
     FAMILIES,
@@ -19,6 +19,7 @@ from tgrl_lib.data.synthetic import (
     synthesize,
     synthesize_splits,
 )
+from tgrl_lib.data.validate import validate_dataset
 from tgrl_lib.errors import TgrlError
 
 
@@ -186,6 +187,8 @@ def test_rerun_replaces_a_dataset_but_not_other_files(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_empty_split_is_a_valid_dataset(tmp_path):
+def test_an_empty_split_is_written_but_validate_refuses_it(tmp_path):
     manifests = synthesize_splits(tmp_path, n_train=3, n_test=0, seed=1)
-    assert manifests["test"].count == 0 and validate_dataset(tmp_path / "test") == []
+    assert manifests["test"].count == 0 and load_dataset(tmp_path / "test").records == []
+    [problem] = validate_dataset(tmp_path / "test")
+    assert "no records" in problem and validate_dataset(tmp_path / "train") == []

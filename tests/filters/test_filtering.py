@@ -13,8 +13,9 @@ import pytest
 
 from tgrl_lib.cli import main
 from tgrl_lib.config import FilterConfig, FilterSpec, GenerateConfig, PipelineConfig
-from tgrl_lib.data.schema import Manifest, Problem, Trajectory, load_dataset, sha256_file, validate_dataset
+from tgrl_lib.data.schema import Manifest, Problem, Trajectory, load_dataset, sha256_file
 from tgrl_lib.data.synthetic import synthesize
+from tgrl_lib.data.validate import validate_dataset
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.filters import FilterContext, build_filters
 from tgrl_lib.filters.run import run_filters
@@ -216,6 +217,70 @@ def test_duplicates_and_cap_keep_the_first_per_problem():
     assert [v.kept for v in dup(pair, context)] == [True, True]
 
 
+# (filter, params, the one-line error's words): each was accepted, or a TypeError mid-run, before
+INT, FINITE = "Input should be a valid integer", "Input should be a finite number"
+BAD_PARAMS = [
+    ("length", {"min_tokens": [1, 2]}, f"filter 'length' parameter 'min_tokens': {INT}"),
+    ("length", {"min_tokens": True}, f"parameter 'min_tokens': {INT}"),
+    ("length", {"min_tokens": "3"}, f"parameter 'min_tokens': {INT}"),
+    ("length", {"min_tokens": -1}, "parameter 'min_tokens': Input should be greater than or equal to 0"),
+    ("length", {"min_tokens": 10, "max_tokens": 5}, "filter 'length' parameters: max_tokens=5 is below"),
+    ("repetition", {"ngram": 0}, "filter 'repetition' parameter 'ngram': Input should be greater than"),
+    ("repetition", {"min_distinct": 1.5}, "parameter 'min_distinct': Input should be less than or equal"),
+    ("duplicates", {"threshold": float("nan")}, f"filter 'duplicates' parameter 'threshold': {FINITE}"),
+    ("duplicates", {"threshold": float("inf")}, f"parameter 'threshold': {FINITE}"),
+    ("duplicates", {"ngram": 0}, "filter 'duplicates' parameter 'ngram'"),
+    ("per_problem_cap", {"max_per_problem": 0}, "parameter 'max_per_problem': Input should be greater"),
+    ("likelihood", {"min_logprob": 0.5}, "parameter 'min_logprob': Input should be less than or equal to 0"),
+    ("likelihood", {"top_k": 1.5}, f"parameter 'top_k': {INT}"),
+    ("grounding", {"min_precision": float("nan")}, f"parameter 'min_precision': {FINITE}"),
+    ("special_tokens", {"pattern": "(unclosed"}, "parameter 'pattern': not a regular expression"),
+    ("special_tokens", {"forbidden": [""]}, "parameter 'forbidden': an empty string would match every"),
+    ("special_tokens", {"forbidden": "<|x|>"}, "parameter 'forbidden': Input should be a valid list"),
+    ("parse", {"strict": True}, "filter 'parse' has no parameter 'strict'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "words"), BAD_PARAMS, ids=[f"{n}-{next(iter(p))}" for n, p, _ in BAD_PARAMS]
+)
+def test_bad_filter_params_fail_in_one_line_naming_filter_and_key(name, params, words):
+    with pytest.raises(TgrlError) as caught:
+        build_filters([FilterSpec(name=name, params=params)])
+    message = str(caught.value)
+    assert words in message and "\n" not in message, message
+    assert "its parameters:" in message  # the hint lists what the filter takes
+
+
+def test_good_filter_params_positive_control():
+    """Beside the bad ones: values at the bounds, ints for floats, null for optional values are good."""
+    good = [
+        ("length", {"min_tokens": 0, "max_tokens": 0 + 1}),
+        ("length", {"min_tokens": 5, "max_tokens": 5}),
+        ("repetition", {"ngram": 1, "min_distinct": 1, "max_char_run": 1}),
+        ("duplicates", {"threshold": 1, "ngram": 64}),
+        ("likelihood", {"min_logprob": 0, "top_k": 1, "max_response_tokens": None}),
+        ("grounding", {"min_precision": 0.0, "require_claims": True}),
+        ("special_tokens", {"forbidden": ["<|x|>"], "pattern": None}),
+        ("per_problem_cap", {"max_per_problem": 1}),
+    ]
+    bound = build_filters([FilterSpec(name=n, params=p) for n, p in good])
+    assert [b.name for b in bound] == [n for n, _ in good]
+    assert bound[0].params.max_tokens == 1 and bound[3].params.threshold == 1.0
+
+
+def test_bad_filter_params_through_the_cli_fail_before_reading(tmp_path, capsys):
+    from tgrl_lib.cli import main
+
+    nan = "filters=[{name: duplicates, params: {threshold: .nan}}]"
+    code = main(["filter", "--in", str(tmp_path / "none"), "--out", str(tmp_path / "k"), "--rejected",
+                 str(tmp_path / "r"), "--set", nan])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "filter 'duplicates' parameter 'threshold': Input should be a finite number" in err
+    assert not (tmp_path / "k").exists()
+
+
 def test_unknown_filters_and_parameters_fail_before_reading(tmp_path):
     with pytest.raises(TgrlError, match="unknown filter 'verifed'"):
         run_filters(tmp_path / "none", tmp_path / "k", tmp_path / "r", specs("verifed"))
@@ -365,6 +430,7 @@ def test_likelihood_filter_matches_a_one_by_one_reference(small_set, tiny_model_
     # between two distinct scores: a rerun at another batch size may differ in the 6th decimal
     threshold = (ranked[above - 1] + ranked[above]) / 2
     config = specs("likelihood", likelihood={"min_logprob": threshold})
+    config = config.model_copy(update={"batch_size": 4})  # same batches: the same scores to the last digit
     report = run_filters(traj_dir, tmp_path / "k2", tmp_path / "r2", config, policy=str(tiny_model_dir))
     expected = sum(s.meta["logprob_mean"] >= threshold for s in scored)
     assert report.kept == expected and 9 <= expected < 18  # >= 9: equal texts score equally

@@ -12,8 +12,9 @@ import pytest
 
 from tgrl_lib.cli import main
 from tgrl_lib.config import GenerateConfig
-from tgrl_lib.data.schema import MANIFEST, RECORDS, Manifest, load_dataset, sha256_file, validate_dataset
+from tgrl_lib.data.schema import MANIFEST, RECORDS, Manifest, load_dataset, sha256_file
 from tgrl_lib.data.synthetic import synthesize
+from tgrl_lib.data.validate import validate_dataset
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.generation.run import generate_trajectories
 from tgrl_lib.scoring.rewards import reward
@@ -130,7 +131,8 @@ def test_hf_backend_on_the_tiny_model_rejects_an_undecodable_image(problems, tin
     shutil.copytree(problems, tmp_path / "p")
     dataset = load_dataset(tmp_path / "p")
     victim = dataset.records[1]
-    (tmp_path / "p" / victim.image).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    image = tmp_path / "p" / victim.image  # header intact (the reader's check passes), data cut
+    image.write_bytes(image.read_bytes()[:60])
     config = GenerateConfig(
         backend={"kind": "hf"},
         model=str(tiny_model_dir),

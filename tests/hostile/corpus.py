@@ -63,9 +63,12 @@ IMPORT_ROWS = [
     (11, "absolute path", "refused"),
     (12, "symlink escaping the images folder", "outside"),
     (13, "duplicate id", "duplicate id"),
-    (14, "JSON array instead of an object", "expected an object"),
+    (14, "JSON array instead of an object", "expected a JSON object"),
     (15, "unpaired surrogate in the question", "unicode"),
     (16, "image path with a NUL byte", "control characters"),
+    (17, "invalid UTF-8 in the question", "invalid UTF-8"),  # was silently replaced (U+FFFD) and kept
+    (18, "duplicate key", "duplicate key 'answer'"),  # the last value silently won
+    (19, "nested 100,000 levels deep", "nested deeper than 32"),  # was a RecursionError traceback
 ]
 
 
@@ -95,9 +98,17 @@ def benchmark_file(root: Path) -> Path:
         "[1, 2, 3]",
         json.dumps(mathvision_row("15", question="How many \ud800 dots?", image="images/x.png")),
         json.dumps(mathvision_row("16", image="images/x\u0000.png")),
+        json.dumps(mathvision_row("17", question="QUESTION", image="images/x.png")),
+        duplicate_key(json.dumps(mathvision_row("18", image="images/x.png")), "answer", "13"),
+        json.dumps(mathvision_row("19", image="images/x.png"))[:-1]
+        + ', "meta": '
+        + "[" * 100_000
+        + "]" * 100_000
+        + "}",
     ]
+    data = "\n".join(rows).encode("utf-8", "surrogatepass") + b"\n\n"
     path = bench / "test.jsonl"
-    path.write_text("\n".join(rows) + "\n\n", encoding="utf-8")
+    path.write_bytes(data.replace(b"QUESTION", b"How many \xff\xfe dots?"))
     return path
 
 
@@ -107,20 +118,39 @@ def rehash(root: Path) -> None:
     dataset whose bad rows only the row checks can catch."""
     manifest = Manifest.model_validate_json((root / MANIFEST).read_text())
     files = {rel: sha256_file(root / rel) for rel in manifest.files if (root / rel).is_file()}
-    lines = [x for x in (root / RECORDS).read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = [x for x in (root / RECORDS).read_bytes().split(b"\n") if x.strip()]
     update = {"files": files, "count": len(lines)}
     (root / MANIFEST).write_text(manifest.model_copy(update=update).model_dump_json())
 
 
-def copy_with_lines(src: Path, dst: Path, edits: dict[int, str]) -> Path:
-    """A copy of dataset `src` with the given 1-based lines of records.jsonl replaced (hashes recomputed)."""
+def copy_with_lines(src: Path, dst: Path, edits: dict[int, str | bytes]) -> Path:
+    """A copy of dataset `src` with the given 1-based lines of records.jsonl replaced (hashes recomputed);
+    a `bytes` replacement is written as is (invalid UTF-8 survives)."""
     shutil.copytree(src, dst)
-    lines = (dst / RECORDS).read_text(encoding="utf-8").splitlines()
+    lines = (dst / RECORDS).read_bytes().split(b"\n")[:-1]
     for number, text in edits.items():
-        lines[number - 1] = text
-    (dst / RECORDS).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        lines[number - 1] = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    (dst / RECORDS).write_bytes(b"\n".join(lines) + b"\n")
     rehash(dst)
     return dst
+
+
+def nested(line: str, depth: int) -> str:
+    """`line` (a JSON object) with its `meta` replaced by one nested `depth` arrays deep, as raw text."""
+    data = json.loads(line)
+    data.pop("meta", None)
+    return json.dumps(data)[:-1] + ', "meta": {"deep": ' + "[" * depth + "]" * depth + "}}"
+
+
+def duplicate_key(line: str, key: str, value: object) -> str:
+    """`line` with `key` given a second time (JSON parsers silently keep the last one)."""
+    return line[:-1] + f", {json.dumps(key)}: {json.dumps(value)}}}"
+
+
+def invalid_utf8(line: str) -> bytes:
+    """`line` with two bytes that are not UTF-8 inside its first string value."""
+    head, sep, tail = line.partition('": "')
+    return (head + sep).encode() + b"\xff\xfe" + tail.encode()
 
 
 def row(src: Path, number: int, **changes) -> str:
@@ -155,3 +185,8 @@ def trajectory_line(problem_id: str, **fields) -> str:
 
 def first_image(root: Path) -> Path:
     return root / load_dataset(root).records[0].image
+
+
+def image_of_line(root: Path, number: int) -> Path:
+    """The image file of line `number` of `root`'s records.jsonl (read raw: the row may be refused)."""
+    return root / json.loads((root / RECORDS).read_text(encoding="utf-8").splitlines()[number - 1])["image"]

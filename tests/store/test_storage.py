@@ -18,6 +18,11 @@ from tgrl_lib.store import artifacts as storage
 from tgrl_lib.store.s3 import StorageOptions, s3_client
 
 MIB = 1024 * 1024
+# A 1x1 PNG: readers check an image's header, so a test image is this followed by random bytes of any size
+PNG_1X1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108020000009077"
+    "53de0000000c4944415478da63f8cfc0000003010100c9fe92ef0000000049454e44ae426082"
+)
 
 
 def make_dataset(root: Path, n: int = 4, big: int = 0, image_bytes: int = 2048) -> Path:
@@ -26,7 +31,7 @@ def make_dataset(root: Path, n: int = 4, big: int = 0, image_bytes: int = 2048) 
         problems = []
         for i in range(n):
             size = big if (big and i == 0) else image_bytes
-            writer.add_image(f"images/{i}.png", os.urandom(size))
+            writer.add_image(f"images/{i}.png", PNG_1X1 + os.urandom(size))
             problems.append(
                 Problem(
                     id=f"p{i}",

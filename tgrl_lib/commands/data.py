@@ -18,7 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "benchmarks, validate a dataset directory.",
     )
     sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    _add_synth(sub)
+    _add_import(sub)
+    _add_validate(sub)
 
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
     synth = sub.add_parser(
         "synth",
         help="synthesise visual-reasoning problems (images + ground-truth facts)",
@@ -59,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.set_defaults(func=_synth)
 
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
     imp = sub.add_parser(
         "import",
         help="import a standard benchmark (MathVista, MathVerse, MathVision, WeMath, DynaMath, LogicVista)",
@@ -84,13 +91,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     imp.set_defaults(func=_import)
 
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
     val = sub.add_parser(
         "validate",
-        help="check a dataset directory (manifest, hashes, every row, image paths)",
+        help="check a dataset directory (manifest, hashes, every row, every image)",
         description="Exit 0 when DIR is a valid dataset; otherwise print one line per problem "
-        "(`.../records.jsonl:LINE: reason`) on stderr and exit 1.",
+        "(`.../records.jsonl:LINE: reason`) on stderr and exit 1. Every file the manifest lists must be "
+        "present and match its sha256; every image is opened the way training opens it (header, pixel "
+        "and aspect-ratio caps, decoded); a problems or trajectories dataset without records is refused.",
     )
     val.add_argument("dir", help="dataset directory")
+    val.add_argument(
+        "--fast", action="store_true", help="read only the image headers (format, size), do not decode them"
+    )
     val.set_defaults(func=_validate)
 
 
@@ -131,9 +145,10 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from tgrl_lib.data.schema import read_manifest, validate_dataset
+    from tgrl_lib.data.schema import read_manifest
+    from tgrl_lib.data.validate import validate_dataset
 
-    problems = validate_dataset(args.dir)
+    problems = validate_dataset(args.dir, decode_images=not args.fast)
     if problems:
         for line in problems:
             print(line, file=sys.stderr)

@@ -7,22 +7,33 @@ A dataset is a directory (DESIGN.md §3)::
     images/          image files referenced by records with a relative path
 
 The manifest is written last (atomically, by rename): a directory without a valid manifest is incomplete
-and is never read. Readers validate every row and report `records.jsonl:LINE: reason`.
+and is never read. Every file is read through the bounded reader (`data.reader`: regular files, size caps,
+strict UTF-8, unique keys, bounded nesting); `load_dataset` validates every row, checks each problem image
+once (sha256 against the manifest, header caps) and reports `records.jsonl:LINE: reason`. The stricter
+whole-directory check of `tgrl data validate` is `data.validate`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tgrl_lib.data.reader import (
+    LONE_SURROGATE,
+    check_relative_path,
+    iter_json_lines,
+    parse_json_line,
+    read_json_file,
+    resolve_inside,
+    sha256_file,
+    utf8_encodable,
+)
 from tgrl_lib.errors import TgrlError
 
 SCHEMA_VERSION = "1"
@@ -118,40 +129,6 @@ RECORD_TYPES: dict[str, type[_Record]] = {
 }
 
 
-def check_relative_path(value: str) -> PurePosixPath:
-    """Refuse absolute paths, backslashes, drive letters, `..` (no escaping the dataset) and control
-    characters (a NUL cannot name a file)."""
-    if not value or value.startswith(("/", "\\")) or "\\" in value or ":" in value.split("/")[0]:
-        raise ValueError(f"path {value!r} must be relative to the dataset directory")
-    if any(ord(c) < 32 or c == "\x7f" for c in value):
-        raise ValueError(f"path {value!r} holds control characters")
-    path = PurePosixPath(value)
-    if any(part in ("..", "") for part in path.parts) or str(path) != value.rstrip("/"):
-        raise ValueError(f"path {value!r} may not contain '..' or empty parts")
-    return path
-
-
-def resolve_inside(root: Path, relpath: str) -> Path:
-    """`root/relpath`, refusing anything (symlinks included) that resolves outside `root`."""
-    try:
-        check_relative_path(relpath)
-    except ValueError as err:
-        raise TgrlError(str(err), path=root) from None
-    root_real = root.resolve()
-    target = (root / relpath).resolve()
-    if target != root_real and root_real not in target.parents:
-        raise TgrlError(f"{relpath!r} resolves outside the dataset directory", path=root)
-    return target
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dumps_record(record: BaseModel) -> str:
     """One canonical JSONL line (sorted keys, no NaN) so identical data gives identical bytes."""
     return json.dumps(record.model_dump(mode="json"), sort_keys=True, ensure_ascii=False, allow_nan=False)
@@ -176,11 +153,7 @@ class RowError:
         return f"{self.file}:{self.line}: {self.reason}"
 
     def to_rejected(self, stage: str = "read") -> Rejected:
-        try:
-            record = json.loads(self.raw)
-            record = record if isinstance(record, dict) else None
-        except ValueError:
-            record = None
+        record, _ = parse_json_line(self.raw)  # None when the raw line breaks any rule of the reader
         return Rejected(
             stage=stage,
             reason=self.reason,
@@ -192,45 +165,17 @@ class RowError:
 
 
 def iter_jsonl(path: Path, model: type[_Record]) -> Iterator[tuple[int, _Record | RowError]]:
-    """Yield `(line_number, record_or_error)` for every non-empty line; never raises on a bad row."""
+    """Yield `(line_number, record_or_error)` for every non-empty line through the bounded reader
+    (`data.reader`: regular file, size caps, strict UTF-8, unique keys, depth); never raises on a bad row."""
     name = path.name
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, raw in enumerate(handle, start=1):
-            text = raw.strip()
-            if not text:
-                continue
-            try:
-                obj = json.loads(text, parse_constant=_refuse_constant)
-            except ValueError as err:
-                yield number, RowError(name, number, f"invalid JSON ({err})", text)
-                continue
-            if not isinstance(obj, dict):
-                yield number, RowError(name, number, "expected a JSON object", text)
-                continue
-            if "\\u" in text and not utf8_encodable(json.dumps(obj, ensure_ascii=False)):
-                yield number, RowError(name, number, LONE_SURROGATE, text)
-                continue
-            try:
-                yield number, model.model_validate(obj)
-            except ValidationError as err:
-                yield number, RowError(name, number, _short(err), text)
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed")
-
-
-LONE_SURROGATE = (
-    "invalid Unicode: the row holds an unpaired surrogate (\\ud800-\\udfff), which UTF-8 cannot hold"
-)
-
-
-def utf8_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    for number, obj, error in iter_json_lines(path):
+        if error is not None:
+            yield number, RowError(name, number, error.reason, error.raw)
+            continue
+        try:
+            yield number, model.model_validate(obj)
+        except ValidationError as err:
+            yield number, RowError(name, number, _short(err), json.dumps(obj, ensure_ascii=False))
 
 
 def writable_rejected(rejected: Rejected) -> Rejected:
@@ -266,6 +211,7 @@ class Dataset:
     manifest: Manifest
     records: list[Any]
     errors: list[RowError] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # line in records.jsonl of each of `records`
 
     @property
     def kind(self) -> str:
@@ -283,47 +229,51 @@ def read_manifest(root: Path | str) -> Manifest:
     path = root / MANIFEST
     if not root.is_dir():
         raise TgrlError("dataset directory does not exist", path=root)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise TgrlError(
             "no manifest.json: the dataset is incomplete or not a tgrl dataset",
             path=root,
             hint="rerun the step that writes it",
         )
     try:
-        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
-    except (ValidationError, ValueError) as err:
-        reason = _short(err) if isinstance(err, ValidationError) else str(err)
-        raise TgrlError(f"invalid manifest ({reason})", path=path) from None
+        return Manifest.model_validate(read_json_file(path))
+    except ValidationError as err:
+        raise TgrlError(f"invalid manifest ({_short(err)})", path=path) from None
+    except TgrlError as err:
+        raise TgrlError(f"invalid manifest: {str(err).removeprefix(f'{path}: ')}", path=path) from None
 
 
 def load_dataset(
     root: Path | str, kind: DatasetKind | None = None, *, verify_hashes: bool = True, strict: bool = False
 ) -> Dataset:
-    """Read and validate a dataset directory.
+    """Read and validate a dataset directory through the bounded reader (`data.reader`).
 
     Every row is validated (schema, duplicate ids, image inside the directory and present); bad rows land in
     `Dataset.errors`, or raise when `strict`. With `verify_hashes`, a records.jsonl whose sha256 differs from
-    the manifest is refused.
+    the manifest is refused, and a problem whose image differs from its sha256 in the manifest (swapped after
+    the dataset was written) is a bad row; each image is hashed once per call.
     """
     root = Path(root)
     manifest = read_manifest(root)
     if kind is not None and manifest.kind != kind:
         raise TgrlError(f"expected a {kind} dataset, found kind {manifest.kind!r}", path=root / MANIFEST)
     if verify_hashes:
-        _verify_files(root, manifest)
-    model = RECORD_TYPES[manifest.kind]
+        _verify_records(root, manifest)
+    try:
+        rows = list(iter_jsonl(root / RECORDS, RECORD_TYPES[manifest.kind]))
+    except TgrlError as err:
+        raise TgrlError(str(err), hint=f"run `tgrl data validate {root}`") from None
+    checks = _RowChecks(root, manifest.files if verify_hashes else None)
     records: list[Any] = []
+    lines: list[int] = []
     errors: list[RowError] = []
-    seen: dict[str, int] = {}
-    for number, item in iter_jsonl(root / RECORDS, model):
-        if isinstance(item, RowError):
-            errors.append(item)
-            continue
-        problem = _row_problem(root, item, number, seen)
-        if problem is not None:
-            errors.append(problem)
+    for number, item in rows:
+        error = item if isinstance(item, RowError) else checks.row_error(item, number)
+        if error is not None:
+            errors.append(error)
         else:
             records.append(item)
+            lines.append(number)
     if strict and errors:
         raise TgrlError(
             errors[0].reason,
@@ -337,34 +287,44 @@ def load_dataset(
                 RECORDS, 0, f"manifest count {manifest.count} but {len(records) + len(errors)} rows found", ""
             )
         )
-    return Dataset(root=root, manifest=manifest, records=records, errors=errors)
+    return Dataset(root=root, manifest=manifest, records=records, errors=errors, lines=lines)
 
 
-def _row_problem(root: Path, item: Any, number: int, seen: dict[str, int]) -> RowError | None:
-    if not isinstance(item, Problem):
-        return None
-    if item.id in seen:
-        return RowError(
-            RECORDS, number, f"duplicate id {item.id!r} (first on line {seen[item.id]})", dumps_record(item)
-        )
-    seen[item.id] = number
-    try:
-        image = resolve_inside(root, item.image)
-    except TgrlError as err:
-        return RowError(RECORDS, number, f"image {item.image!r}: {err}", dumps_record(item))
-    if not image.is_file():
-        return RowError(RECORDS, number, f"image {item.image!r} is missing", dumps_record(item))
-    return None
+class _RowChecks:
+    """The checks of a problem row beyond its schema: unique id, image inside the directory and present,
+    and (given the manifest's `files`) the image's sha256, computed once per image."""
+
+    def __init__(self, root: Path, files: dict[str, str] | None):
+        self.root, self.files, self.root_real = root, files, root.resolve()
+        self.seen: dict[str, int] = {}
+        self.image_reasons: dict[str, str | None] = {}
+
+    def row_error(self, item: Any, number: int) -> RowError | None:
+        from tgrl_lib.data.images import image_problem  # PIL: only when problems are read
+
+        if not isinstance(item, Problem):
+            return None
+        if item.id in self.seen:
+            reason = f"duplicate id {item.id!r} (first on line {self.seen[item.id]})"
+            return RowError(RECORDS, number, reason, dumps_record(item))
+        self.seen[item.id] = number
+        if item.image not in self.image_reasons:
+            expected = None if self.files is None else self.files.get(item.image)
+            self.image_reasons[item.image] = image_problem(
+                self.root, item.image, expected, root_real=self.root_real
+            )
+        reason = self.image_reasons[item.image]
+        return None if reason is None else RowError(RECORDS, number, reason, dumps_record(item))
 
 
-def _verify_files(root: Path, manifest: Manifest) -> None:
-    """Refuse records.jsonl when it is missing or differs from the manifest; images are checked per row."""
+def _verify_records(root: Path, manifest: Manifest) -> None:
+    """Refuse records.jsonl when it is missing, not a regular file or differs from the manifest."""
     if RECORDS not in manifest.files:
         raise TgrlError("manifest does not list records.jsonl", path=root / MANIFEST)
     path = root / RECORDS
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise TgrlError("records.jsonl is missing", path=root)
-    if sha256_file(path) != manifest.files[RECORDS]:
+    if sha256_file(path, regular=True) != manifest.files[RECORDS]:
         raise TgrlError(
             "records.jsonl does not match its sha256 in the manifest "
             "(modified after the dataset was written)",
@@ -482,39 +442,3 @@ def write_dataset(
     with DatasetWriter(root, kind, created_by=created_by, meta=meta) as writer:
         writer.write(records)
     return read_manifest(root)
-
-
-def validate_dataset(root: Path | str) -> list[str]:
-    """Every problem with a dataset directory, one line each (`file:line: reason`); empty when valid."""
-    root = Path(root)
-    try:
-        manifest = read_manifest(root)
-        dataset = load_dataset(root, verify_hashes=False)
-    except TgrlError as err:
-        return [str(err)]
-    problems = [
-        f"{root / RECORDS}:{e.line}: {e.reason}" if e.line else f"{root / RECORDS}: {e.reason}"
-        for e in dataset.errors
-    ]
-    for rel, expected in manifest.files.items():
-        try:
-            path = resolve_inside(root, rel)
-        except TgrlError as err:
-            problems.append(f"{root / MANIFEST}: {err}")
-            continue
-        if path.is_file() and sha256_file(path) != expected:
-            problems.append(f"{path}: sha256 does not match the manifest (modified after it was written)")
-        elif not path.is_file() and rel == RECORDS:
-            problems.append(f"{path}: missing")
-    listed = set(manifest.files)
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            problems.append(f"{path}: symlinks are not allowed in a dataset")
-        elif path.is_file() and rel != MANIFEST and rel not in listed:
-            problems.append(f"{path}: file is not listed in the manifest")
-    return problems
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)

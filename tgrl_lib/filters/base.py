@@ -6,9 +6,12 @@ Two shapes (STYLE.md rule 6):
 - a *batch* filter judges a list (duplicates, per-problem caps and the policy likelihood need to see the
   other trajectories or to batch a model): `(trajectories, context, **params) -> list[Verdict]`.
 
-Filters are registered by name with `@row_filter("name")` / `@batch_filter("name")` and configured by a
-list of `{name, params}` in YAML (`FilterConfig.filters`). `build_filters` checks names and parameters
-before any data is read, so a typo fails at once and names the filter.
+Each filter declares its parameters as a `FilterParams` model (typed, bounded, finite, strict: `[1, 2]`,
+`true` or `"3"` is not an integer, NaN is not a threshold; unknown keys refused) and receives the validated
+model as its third argument. Filters are registered by name with `@row_filter("name", Params)` /
+`@batch_filter("name", Params)` and configured by a list of `{name, params}` in YAML
+(`FilterConfig.filters`). `build_filters` builds each filter's params model before any data is read, so a
+typo or an out-of-range value fails at once in one line naming the filter and the key.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tgrl_lib.data.schema import Problem, Trajectory
 from tgrl_lib.errors import TgrlError
@@ -89,6 +94,13 @@ class FilterContext:
         return self._tokenizer
 
 
+class FilterParams(BaseModel):
+    """A filter's parameters: typed and bounded (a `description` on every field), finite, strict types,
+    no unknown keys. A filter without parameters uses this class as is."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
 RowFn = Callable[..., Verdict]
 BatchFn = Callable[..., list[Verdict]]
 
@@ -99,47 +111,59 @@ class FilterDef:
     kind: Literal["row", "batch"]
     fn: Callable[..., Any]
     doc: str
+    params_model: type[FilterParams] = FilterParams
 
     def params(self) -> dict[str, Any]:
-        """Keyword parameters and their defaults (what `tgrl filter --list` shows)."""
-        signature = inspect.signature(self.fn)
-        return {
-            name: p.default
-            for name, p in signature.parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
+        """Parameters and their defaults (what `tgrl filter --list` shows)."""
+        return {name: field.default for name, field in self.params_model.model_fields.items()}
+
+    def build_params(self, given: dict[str, Any]) -> FilterParams:
+        """`given` validated into this filter's params model; a one-line `TgrlError` naming the filter and
+        the key otherwise."""
+        try:
+            return self.params_model.model_validate(given)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(x) for x in first["loc"])
+            hint = f"its parameters: {', '.join(self.params()) or 'none'}"
+            if first["type"] == "extra_forbidden":
+                raise TgrlError(f"filter {self.name!r} has no parameter {key!r}", hint=hint) from None
+            where = f"parameter {key!r}" if key else "parameters"
+            message = first["msg"].removeprefix("Value error, ")
+            raise TgrlError(f"filter {self.name!r} {where}: {message}", hint=hint) from None
 
 
 FILTERS: dict[str, FilterDef] = {}
 
 
-def _register(name: str, kind: Literal["row", "batch"]):
+def _register(name: str, kind: Literal["row", "batch"], params: type[FilterParams]):
     def wrap(fn):
         if name in FILTERS:
             raise TgrlError(f"filter {name!r} is registered twice")
         doc = inspect.getdoc(fn) or ""
-        FILTERS[name] = FilterDef(name, kind, fn, doc.split("\n\n")[0].replace("\n", " "))
+        FILTERS[name] = FilterDef(name, kind, fn, doc.split("\n\n")[0].replace("\n", " "), params)
         return fn
 
     return wrap
 
 
-def row_filter(name: str):
-    """Register `fn(trajectory, context, *, params...) -> Verdict` under `name`."""
-    return _register(name, "row")
+def row_filter(name: str, params: type[FilterParams] = FilterParams):
+    """Register `fn(trajectory, context, params) -> Verdict` under `name`, configured by `params`."""
+    return _register(name, "row", params)
 
 
-def batch_filter(name: str):
-    """Register `fn(trajectories, context, *, params...) -> list[Verdict]` under `name`."""
-    return _register(name, "batch")
+def batch_filter(name: str, params: type[FilterParams] = FilterParams):
+    """Register `fn(trajectories, context, params) -> list[Verdict]` under `name`, configured by
+    `params`."""
+    return _register(name, "batch", params)
 
 
 @dataclass(frozen=True)
 class BoundFilter:
-    """A registered filter with its configured parameters."""
+    """A registered filter with its validated parameters."""
 
     definition: FilterDef
-    params: dict[str, Any]
+    params: FilterParams
 
     @property
     def name(self) -> str:
@@ -150,11 +174,12 @@ class BoundFilter:
         return self.definition.kind
 
     def __call__(self, items: Any, context: FilterContext) -> Any:
-        return self.definition.fn(items, context, **self.params)
+        return self.definition.fn(items, context, self.params)
 
 
 def build_filters(specs: list[Any]) -> list[BoundFilter]:
-    """`FilterSpec`s -> bound filters; unknown names and unknown parameters raise `TgrlError`."""
+    """`FilterSpec`s -> bound filters; unknown names and bad parameters (unknown, wrong type, out of range,
+    not finite) raise a one-line `TgrlError` naming the filter and the key."""
     _load_builtin()
     bound = []
     for spec in specs:
@@ -163,14 +188,7 @@ def build_filters(specs: list[Any]) -> list[BoundFilter]:
             raise TgrlError(
                 f"unknown filter {spec.name!r}", hint=f"known filters: {', '.join(sorted(FILTERS))}"
             )
-        allowed = definition.params()
-        unknown = sorted(set(spec.params) - set(allowed))
-        if unknown:
-            raise TgrlError(
-                f"filter {spec.name!r} has no parameter {unknown[0]!r}",
-                hint=f"its parameters: {', '.join(allowed) or 'none'}",
-            )
-        bound.append(BoundFilter(definition, dict(spec.params)))
+        bound.append(BoundFilter(definition, definition.build_params(dict(spec.params))))
     return bound
 
 

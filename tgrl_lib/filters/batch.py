@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from pydantic import Field
+
 from tgrl_lib.data.schema import Trajectory
-from tgrl_lib.filters.base import KEEP, FilterContext, Verdict, batch_filter, reject
+from tgrl_lib.filters.base import KEEP, FilterContext, FilterParams, Verdict, batch_filter, reject
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -46,9 +48,16 @@ def by_problem(trajectories: list[Trajectory]) -> dict[str, list[int]]:
     return groups
 
 
-@batch_filter("duplicates")
+class DuplicatesParams(FilterParams):
+    threshold: float = Field(
+        0.9, gt=0.0, le=1.0, description="Word n-gram Jaccard similarity at which two texts are duplicates."
+    )
+    ngram: int = Field(3, ge=1, le=64, description="Words per n-gram of the similarity.")
+
+
+@batch_filter("duplicates", DuplicatesParams)
 def duplicates(
-    trajectories: list[Trajectory], context: FilterContext, *, threshold: float = 0.9, ngram: int = 3
+    trajectories: list[Trajectory], context: FilterContext, params: DuplicatesParams
 ) -> list[Verdict]:
     """Within a problem, drop a trajectory whose normalised text equals, or whose word-`ngram` Jaccard
     similarity is >= `threshold` with, an earlier kept one."""
@@ -57,13 +66,13 @@ def duplicates(
         kept: list[tuple[int, str, frozenset]] = []
         for i in positions:
             text = normalise(trajectories[i].text)
-            grams = shingles(trajectories[i].text, ngram)
+            grams = shingles(trajectories[i].text, params.ngram)
             for j, other_text, other_grams in kept:
                 if text == other_text:
                     verdicts[i] = reject(f"same text as sample {_sample(trajectories[j], j)}")
                     break
                 similarity = jaccard(grams, other_grams)
-                if similarity >= threshold:
+                if similarity >= params.threshold:
                     verdicts[i] = reject(
                         f"near-duplicate of sample {_sample(trajectories[j], j)} (Jaccard {similarity:.2f})"
                     )
@@ -77,13 +86,17 @@ def _sample(trajectory: Trajectory, position: int) -> str:
     return str(trajectory.meta.get("sample", f"#{position}"))
 
 
-@batch_filter("per_problem_cap")
+class PerProblemCapParams(FilterParams):
+    max_per_problem: int = Field(8, ge=1, description="Most trajectories kept per problem.")
+
+
+@batch_filter("per_problem_cap", PerProblemCapParams)
 def per_problem_cap(
-    trajectories: list[Trajectory], context: FilterContext, *, max_per_problem: int = 8
+    trajectories: list[Trajectory], context: FilterContext, params: PerProblemCapParams
 ) -> list[Verdict]:
     """At most `max_per_problem` trajectories per problem: the most likely under the policy when the
     likelihood filter ran (`meta["logprob_mean"]`), otherwise the first in input order."""
-    verdicts = [KEEP] * len(trajectories)
+    verdicts, max_per_problem = [KEEP] * len(trajectories), params.max_per_problem
     for positions in by_problem(trajectories).values():
         ranked = sorted(positions, key=lambda i: (-trajectories[i].meta.get("logprob_mean", 0.0), i))
         for i in ranked[max_per_problem:]:

@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from tgrl_lib.data.schema import Trajectory, resolve_inside
-from tgrl_lib.filters.base import KEEP, FilterContext, Verdict, batch_filter, reject
+from tgrl_lib.filters.base import KEEP, FilterContext, FilterParams, Verdict, batch_filter, reject
 from tgrl_lib.filters.batch import by_problem
 
 
@@ -79,18 +81,24 @@ def score_trajectories(
     return list(zip(means, counts, strict=True))
 
 
-@batch_filter("likelihood")
+class LikelihoodParams(FilterParams):
+    min_logprob: float | None = Field(
+        None, le=0.0, description="Least mean token log-prob under the policy (None: no threshold)."
+    )
+    top_k: int | None = Field(None, ge=1, description="Keep only the k most likely per problem (None: all).")
+    max_response_tokens: int | None = Field(
+        None, ge=1, description="Score at most this many response tokens (None: all)."
+    )
+
+
+@batch_filter("likelihood", LikelihoodParams)
 def likelihood(
-    trajectories: list[Trajectory],
-    context: FilterContext,
-    *,
-    min_logprob: float | None = None,
-    top_k: int | None = None,
-    max_response_tokens: int | None = None,
+    trajectories: list[Trajectory], context: FilterContext, params: LikelihoodParams
 ) -> list[Verdict]:
     """Mean token log-prob under the policy (`--policy`) at least `min_logprob`, and/or only the `top_k`
     most likely per problem; with neither, it only records `meta["logprob_mean"]`."""
-    scored = score_trajectories(trajectories, context, max_response_tokens=max_response_tokens)
+    min_logprob, top_k = params.min_logprob, params.top_k
+    scored = score_trajectories(trajectories, context, max_response_tokens=params.max_response_tokens)
     scores = [(round(mean, 6), count) for mean, count in scored]  # decide on the value that is recorded
     verdicts = [KEEP] * len(trajectories)
     for trajectory, (mean, count) in zip(trajectories, scores, strict=True):

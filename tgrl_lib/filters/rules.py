@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from pydantic import Field, field_validator, model_validator
+
 from tgrl_lib.data.schema import Trajectory
-from tgrl_lib.filters.base import KEEP, FilterContext, Verdict, reject, row_filter
+from tgrl_lib.filters.base import KEEP, FilterContext, FilterParams, Verdict, reject, row_filter
 
 # Chat/vision control tokens of Qwen-VL style models: text containing them re-enters a prompt as real
 # image/turn tokens ("image features and image tokens do not match").
@@ -35,7 +37,7 @@ def _short(text: str | None, limit: int = 40) -> str:
 
 
 @row_filter("parse")
-def parse(trajectory: Trajectory, context: FilterContext) -> Verdict:
+def parse(trajectory: Trajectory, context: FilterContext, params: FilterParams) -> Verdict:
     """An answer can be extracted from the text (answer tag, \\boxed{} or "The answer is X")."""
     from tgrl_lib.scoring.rewards import extract_answer
 
@@ -45,7 +47,7 @@ def parse(trajectory: Trajectory, context: FilterContext) -> Verdict:
 
 
 @row_filter("verified")
-def verified(trajectory: Trajectory, context: FilterContext) -> Verdict:
+def verified(trajectory: Trajectory, context: FilterContext, params: FilterParams) -> Verdict:
     """The extracted answer verifies against the problem's answer (re-scored, not read from `correct`)."""
     from tgrl_lib.scoring.rewards import extract_answer, verify
 
@@ -57,7 +59,7 @@ def verified(trajectory: Trajectory, context: FilterContext) -> Verdict:
 
 
 @row_filter("format")
-def format_(trajectory: Trajectory, context: FilterContext) -> Verdict:
+def format_(trajectory: Trajectory, context: FilterContext, params: FilterParams) -> Verdict:
     """The text is exactly `<think>...</think><answer>...</answer>` (the format reward's rule)."""
     from tgrl_lib.scoring.rewards import has_valid_format
 
@@ -74,17 +76,30 @@ def count_tokens(text: str, context: FilterContext) -> tuple[int, str]:
     return len(ids), "tokens"
 
 
-@row_filter("length")
-def length(
-    trajectory: Trajectory, context: FilterContext, *, min_tokens: int = 1, max_tokens: int | None = None
-) -> Verdict:
+class LengthParams(FilterParams):
+    min_tokens: int = Field(
+        1, ge=0, description="Fewest tokens (words without a policy) a response may have."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens a response may have (None: no limit)."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LengthParams:
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(f"max_tokens={self.max_tokens} is below min_tokens={self.min_tokens}")
+        return self
+
+
+@row_filter("length", LengthParams)
+def length(trajectory: Trajectory, context: FilterContext, params: LengthParams) -> Verdict:
     """Token count under the policy tokenizer within [min_tokens, max_tokens] (words without a policy)."""
     n, unit = count_tokens(trajectory.text, context)
     trajectory.meta["policy_tokens" if unit == "tokens" else "words"] = n
-    if n < min_tokens:
-        return reject(f"{n} {unit}, fewer than min_tokens={min_tokens}")
-    if max_tokens is not None and n > max_tokens:
-        return reject(f"{n} {unit}, more than max_tokens={max_tokens}")
+    if n < params.min_tokens:
+        return reject(f"{n} {unit}, fewer than min_tokens={params.min_tokens}")
+    if params.max_tokens is not None and n > params.max_tokens:
+        return reject(f"{n} {unit}, more than max_tokens={params.max_tokens}")
     return KEEP
 
 
@@ -94,48 +109,71 @@ def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
-@row_filter("repetition")
-def repetition(
-    trajectory: Trajectory,
-    context: FilterContext,
-    *,
-    ngram: int = 5,
-    max_count: int = 4,
-    min_distinct: float = 0.5,
-    min_ngrams: int = 20,
-    max_char_run: int = 12,
-) -> Verdict:
+class RepetitionParams(FilterParams):
+    ngram: int = Field(5, ge=1, le=64, description="Words per n-gram.")
+    max_count: int = Field(4, ge=1, description="Most times one n-gram may occur.")
+    min_distinct: float = Field(0.5, ge=0.0, le=1.0, description="Least fraction of distinct n-grams.")
+    min_ngrams: int = Field(
+        20, ge=1, description="Texts with fewer n-grams skip the distinct-fraction check."
+    )
+    max_char_run: int = Field(
+        12, ge=1, le=10_000, description="Most repeats in a row of a unit of 1-8 characters."
+    )
+
+
+@row_filter("repetition", RepetitionParams)
+def repetition(trajectory: Trajectory, context: FilterContext, params: RepetitionParams) -> Verdict:
     """No degenerate loops: no word n-gram more than `max_count` times, distinct n-grams at least
     `min_distinct` of all (texts with >= `min_ngrams`), no unit of 1-8 characters repeated more than
     `max_char_run` times in a row."""
-    text = trajectory.text
+    text, ngram = trajectory.text, params.ngram
     grams = ngrams(text, ngram)
     if grams:
         gram, count = Counter(grams).most_common(1)[0]
-        if count > max_count:
+        if count > params.max_count:
             return reject(f"{ngram}-gram {_short(' '.join(gram))} repeated {count} times")
         distinct = len(set(grams)) / len(grams)
-        if len(grams) >= min_ngrams and distinct < min_distinct:
+        if len(grams) >= params.min_ngrams and distinct < params.min_distinct:
             return reject(f"only {distinct:.0%} of {ngram}-grams are distinct")
-    run = re.search(r"(.{1,8}?)\1{" + str(max_char_run) + ",}", text, flags=re.DOTALL)
+    run = re.search(r"(.{1,8}?)\1{" + str(params.max_char_run) + ",}", text, flags=re.DOTALL)
     if run:
         times = len(run.group(0)) // len(run.group(1))
         return reject(f"{_short(run.group(1), 12)} repeated {times} times in a row")
     return KEEP
 
 
-@row_filter("special_tokens")
-def special_tokens(
-    trajectory: Trajectory,
-    context: FilterContext,
-    *,
-    forbidden: list[str] | None = None,
-    pattern: str | None = CONTROL_TOKEN,
-) -> Verdict:
+class SpecialTokensParams(FilterParams):
+    forbidden: list[str] | None = Field(
+        None, description="Token strings refused in the text (None: the Qwen-VL control tokens)."
+    )
+    pattern: str | None = Field(
+        CONTROL_TOKEN, max_length=1000, description="Regular expression refused in the text (None: none)."
+    )
+
+    @field_validator("forbidden")
+    @classmethod
+    def _non_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not token for token in value):
+            raise ValueError("an empty string would match every text")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a regular expression ({err})") from None
+        return value
+
+
+@row_filter("special_tokens", SpecialTokensParams)
+def special_tokens(trajectory: Trajectory, context: FilterContext, params: SpecialTokensParams) -> Verdict:
     """No chat/vision control tokens (`<|image_pad|>`, `<|vision_start|>`, `<|im_start|>` ...) in the text:
     the listed ones, anything matching `pattern`, and the policy tokenizer's special tokens."""
-    text = trajectory.text
-    listed = list(FORBIDDEN_TOKENS if forbidden is None else forbidden)
+    text, pattern = trajectory.text, params.pattern
+    listed = list(FORBIDDEN_TOKENS if params.forbidden is None else params.forbidden)
     tokenizer = context.tokenizer()
     if tokenizer is not None:
         listed += [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 2]
@@ -149,14 +187,15 @@ def special_tokens(
     return KEEP
 
 
-@row_filter("grounding")
-def grounding(
-    trajectory: Trajectory,
-    context: FilterContext,
-    *,
-    min_precision: float = 1.0,
-    require_claims: bool = False,
-) -> Verdict:
+class GroundingParams(FilterParams):
+    min_precision: float = Field(
+        1.0, ge=0.0, le=1.0, description="Least fraction of the stated visual facts that must be true."
+    )
+    require_claims: bool = Field(False, description="Also reject a text that states no checkable fact.")
+
+
+@row_filter("grounding", GroundingParams)
+def grounding(trajectory: Trajectory, context: FilterContext, params: GroundingParams) -> Verdict:
     """The visual facts the reasoning states agree with the problem's `facts` (fraction true >=
     `min_precision`); problems without facts pass. `require_claims`: also reject when nothing checkable is
     stated."""
@@ -167,9 +206,9 @@ def grounding(
         return KEEP
     result = check_claims(extract_claims(trajectory.text), problem.facts)
     if result.stated == 0:
-        return reject("states no checkable visual fact") if require_claims else KEEP
+        return reject("states no checkable visual fact") if params.require_claims else KEEP
     precision = result.true / result.stated
-    if precision < min_precision:
+    if precision < params.min_precision:
         wrong = next(d for d in result.details if d.verdict is False)
         return reject(
             f"{result.false} of {result.stated} stated facts disagree with the image, "

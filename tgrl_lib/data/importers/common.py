@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from tgrl_lib.data.reader import (
+    MAX_JSON_FILE_BYTES,
+    check_value,
+    iter_json_lines,
+    loads_strict,
+    read_regular_bytes,
+)
 from tgrl_lib.data.schema import check_relative_path, resolve_inside
 from tgrl_lib.errors import TgrlError
 
@@ -80,31 +87,40 @@ def read_rows(path: Path) -> tuple[int | None, Iterator[SourceRow]]:
 
 
 def _json_rows(path: Path) -> tuple[int, Iterator[SourceRow]]:
+    """Rows of a whole-file JSON benchmark through the bounded reader (regular file, size cap, strict
+    UTF-8, unique keys); a row nested too deep or with an oversized field is a bad row."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = read_regular_bytes(path, MAX_JSON_FILE_BYTES).decode("utf-8")
     except UnicodeDecodeError as err:
         raise TgrlError(f"not UTF-8 text ({err.reason})", path=path) from None
+    try:
+        data = loads_strict(text, allow_constants=True)
     except json.JSONDecodeError as err:
         raise TgrlError(
             f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})", path=path
         ) from None
+    except ValueError as err:
+        raise TgrlError(f"invalid JSON ({err})", path=path) from None
     if isinstance(data, dict):
-        return len(data), (SourceRow(i, str(k), v) for i, (k, v) in enumerate(data.items(), start=1))
+        return len(data), (_bounded(i, str(k), v) for i, (k, v) in enumerate(data.items(), start=1))
     if isinstance(data, list):
-        return len(data), (SourceRow(i, None, v) for i, v in enumerate(data, start=1))
+        return len(data), (_bounded(i, None, v) for i, v in enumerate(data, start=1))
     raise TgrlError(f"expected a JSON array or object of rows, found {type(data).__name__}", path=path)
 
 
+def _bounded(number: int, key: str | None, obj: Any) -> SourceRow:
+    reason = check_value(obj)
+    return SourceRow(number, key, obj) if reason is None else SourceRow(number, key, error=reason, raw="")
+
+
 def _jsonl_rows(path: Path) -> Iterator[SourceRow]:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                yield SourceRow(number, None, json.loads(text))
-            except json.JSONDecodeError as err:
-                yield SourceRow(number, None, error=f"invalid JSON ({err.msg})", raw=text[:10_000])
+    """Rows of a JSONL benchmark through the bounded reader (`data.reader`): an undecodable, oversized,
+    too deeply nested or duplicate-key line is a bad row naming its line, never silently repaired."""
+    for number, obj, error in iter_json_lines(path, allow_constants=True):
+        if error is not None:
+            yield SourceRow(number, None, error=error.reason, raw=error.raw)
+        else:
+            yield SourceRow(number, None, obj)
 
 
 def _parquet_rows(path: Path) -> Iterator[SourceRow]:
