@@ -80,3 +80,12 @@ def test_each_run_keeps_its_results_and_latest_follows(tmp_path):
     assert "synthetic     accuracy 0.500, grounding 0.250 (8 held-out problems)" in summary
     with pytest.raises(TgrlError, match="exists already"):
         collect_results(outputs, tmp_path / "results" / "run-2", "sqlite:///x.db", started=0.0)
+
+
+def test_a_bad_filter_parameter_fails_before_any_step(tmp_path):
+    from tgrl_lib.mlops.local_run import local_recipe
+
+    good = local_recipe(None, tmp_path, ["filter.filters=[{name: duplicates, params: {threshold: 0.8}}]"])
+    assert good.filter.filters[0].params == {"threshold": 0.8}  # control
+    with pytest.raises(TgrlError, match="filter 'duplicates' parameter 'threshold'"):
+        local_recipe(None, tmp_path, ["filter.filters=[{name: duplicates, params: {threshold: .nan}}]"])

@@ -10,8 +10,9 @@ Each filter declares its parameters as a `FilterParams` model (typed, bounded, f
 `true` or `"3"` is not an integer, NaN is not a threshold; unknown keys refused) and receives the validated
 model as its third argument. Filters are registered by name with `@row_filter("name", Params)` /
 `@batch_filter("name", Params)` and configured by a list of `{name, params}` in YAML
-(`FilterConfig.filters`). `build_filters` builds each filter's params model before any data is read, so a
-typo or an out-of-range value fails at once in one line naming the filter and the key.
+(`FilterConfig.filters`). `tgrl_lib.filters.registry.build_filters` builds each filter's params model
+before any data is read, so a typo or an out-of-range value fails at once in one line naming the filter and
+the key.
 """
 
 from __future__ import annotations
@@ -156,51 +157,3 @@ def batch_filter(name: str, params: type[FilterParams] = FilterParams):
     """Register `fn(trajectories, context, params) -> list[Verdict]` under `name`, configured by
     `params`."""
     return _register(name, "batch", params)
-
-
-@dataclass(frozen=True)
-class BoundFilter:
-    """A registered filter with its validated parameters."""
-
-    definition: FilterDef
-    params: FilterParams
-
-    @property
-    def name(self) -> str:
-        return self.definition.name
-
-    @property
-    def kind(self) -> str:
-        return self.definition.kind
-
-    def __call__(self, items: Any, context: FilterContext) -> Any:
-        return self.definition.fn(items, context, self.params)
-
-
-def build_filters(specs: list[Any]) -> list[BoundFilter]:
-    """`FilterSpec`s -> bound filters; unknown names and bad parameters (unknown, wrong type, out of range,
-    not finite) raise a one-line `TgrlError` naming the filter and the key."""
-    _load_builtin()
-    bound = []
-    for spec in specs:
-        definition = FILTERS.get(spec.name)
-        if definition is None:
-            raise TgrlError(
-                f"unknown filter {spec.name!r}", hint=f"known filters: {', '.join(sorted(FILTERS))}"
-            )
-        bound.append(BoundFilter(definition, definition.build_params(dict(spec.params))))
-    return bound
-
-
-def _load_builtin() -> None:
-    """Import the modules that register the built-in filters."""
-    from tgrl_lib.filters import batch, likelihood, rules  # noqa: F401
-
-
-def describe_filters() -> list[dict[str, Any]]:
-    """Name, kind, one-line doc and parameters of every filter (for `tgrl filter --list`)."""
-    _load_builtin()
-    return [
-        {"name": d.name, "kind": d.kind, "doc": d.doc, "params": d.params()}
-        for d in sorted(FILTERS.values(), key=lambda d: d.name)
-    ]

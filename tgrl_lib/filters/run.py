@@ -37,7 +37,8 @@ from tgrl_lib.data.schema import (
     writable_rejected,
 )
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.filters.base import BoundFilter, FilterContext, build_filters
+from tgrl_lib.filters.base import FilterContext
+from tgrl_lib.filters.registry import BoundFilter, build_filters
 from tgrl_lib.filters.report import READ_STAGE, FilterCounts, FilterReport, build_report, write_report
 from tgrl_lib.progress import progress_bar
 

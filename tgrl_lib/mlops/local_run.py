@@ -77,8 +77,12 @@ class LocalRunResult:
 def local_recipe(
     config: str | Path | None, work_dir: Path, overrides: list[str] | None = None
 ) -> PipelineConfig:
-    """The recipe with `--set` overrides, MLflow pointed at `work_dir` unless the recipe names a server."""
+    """The recipe with `--set` overrides, MLflow pointed at `work_dir` unless the recipe names a server.
+    Filter parameters are checked here too, so a bad one fails before the first step runs."""
+    from tgrl_lib.filters.registry import build_filters
+
     cfg = load_config(config, PipelineConfig, overrides)
+    build_filters(cfg.filter.filters)
     tracking = cfg.tracking
     uri = tracking.tracking_uri or f"sqlite:///{work_dir / 'mlflow.db'}"
     location = tracking.artifact_location or (work_dir / "mlartifacts").as_uri()
