@@ -12,7 +12,7 @@ from tgrl_lib.mlops.tracking import clean_params, config_hash
 SECRET = ["OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "hf_token", "apiKey", "secretKey",
           "MLFLOW_TRACKING_PASSWORD", "password", "auth", "db.passwd", "Authorization"]  # fmt: skip
 NOT_SECRET = ["max_new_tokens", "tokenizer", "author", "api_key_env", "tracking_uri", "TGRL_ARTIFACT_ROOT",
-              "MLFLOW_TRACKING_USERNAME", "keep_checkpoints", "monkey"]  # fmt: skip
+              "MLFLOW_TRACKING_USERNAME", "keep_checkpoints", "monkey", "PWD", "OLDPWD"]  # fmt: skip
 
 
 @pytest.mark.parametrize("key", SECRET)

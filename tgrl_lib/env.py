@@ -21,7 +21,6 @@ SECRET_WORDS = frozenset(
         "secret",
         "password",
         "passwd",
-        "pwd",
         "token",
         "apikey",
         "credential",

@@ -4,7 +4,6 @@ Tests that use the server run once on SQLite and once on PostgreSQL (conftest `m
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import uuid
 from pathlib import Path
@@ -153,14 +152,9 @@ def test_register_download_and_cache_on_local_sqlite(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_champion_loads_and_answers_like_the_checkpoint(mlflow_server, tmp_path, request):
+def test_champion_loads_and_answers_like_the_checkpoint(mlflow_server, tmp_path, tiny_model_dir):
     """The real tiny VLM: `models:/NAME@champion` through pyfunc gives the checkpoint's own answers."""
-    if importlib.util.find_spec("tgrl_lib.models.policy") is None:
-        pytest.skip("tgrl_lib.models.policy (load_policy) is not written yet")
-    try:
-        tiny_model_dir = Path(request.getfixturevalue("tiny_model_dir"))
-    except pytest.FixtureLookupError:
-        pytest.skip("the tiny_model_dir fixture is not available yet")
+    tiny_model_dir = Path(tiny_model_dir)
     import mlflow
     import torch
     from PIL import Image
