@@ -345,8 +345,15 @@ class EvalConfig(StepConfig):
 class PromoteConfig(StepConfig):
     model_name: str = Field("tgrl-policy", description="Registered model name.")
     primary_metric: str = Field("accuracy", description="Metric the gate compares (mean over benchmarks).")
-    margin: float = Field(0.0, ge=0.0, description="Candidate must beat the champion by more than this.")
+    margin: float = Field(
+        0.0,
+        ge=0.0,
+        description="Candidate must beat the champion (with none yet: its start model) by more than this.",
+    )
     max_regression: float = Field(0.05, ge=0.0, description="Largest allowed drop on any benchmark.")
+    floor: float | None = Field(
+        None, description="Least mean primary metric a candidate may have to be promoted; None: no floor."
+    )
 
 
 # ----------------------------------------------------------------------------------------- tracking

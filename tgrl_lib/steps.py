@@ -374,7 +374,7 @@ def register_and_promote(
         version = register_checkpoint(model_dir, name, run.run_id, eval_metrics)
         decision = promote(
             name, version.version, primary=cfg.promote.primary_metric, margin=cfg.promote.margin,
-            max_regression=cfg.promote.max_regression,
+            max_regression=cfg.promote.max_regression, floor=cfg.promote.floor,
         )  # fmt: skip
         out = {
             "model_name": name,

@@ -221,3 +221,37 @@ def test_loading_a_champion_whose_artifacts_vanished_is_one_clear_error(registry
         load_champion(name, tmp_path / "after", tracking_uri=registry_uri)
     assert len(str(err.value).splitlines()) == 1
     assert not (tmp_path / "after").exists() or not any((tmp_path / "after").iterdir())
+
+
+# ------------------------------------------------------------------------------- the reference
+def test_a_first_version_must_beat_its_start_model_and_the_floor(registry_uri, tmp_path):
+    """With no champion the reference is the start model (its metrics from the same evaluation): a version
+    that learned nothing is refused, one that beats it by the margin promoted; both numbers are tags."""
+    from mlflow import MlflowClient
+
+    name, (worse, better) = new_model(registry_uri, tmp_path, [0.30, 0.48], prefix="start")
+    start = {"benchmarks": {"synthetic": {"overall": {"accuracy": 0.31, "count": 64}}}}  # a results.json
+    refused = promote(name, worse, margin=0.02, baseline=start, tracking_uri=registry_uri)
+    assert not refused.promoted and "vs the start model 0.3100" in refused.reason
+    tags = MlflowClient(registry_uri).get_model_version(name, worse).tags
+    assert tags["promotion.compared_to"] == "start model" and tags["promotion.decision"] == "refused"
+    assert float(tags["promotion.candidate_mean"]) == 0.30 and float(tags["promotion.reference_mean"]) == 0.31
+    below = promote(name, better, margin=0.02, baseline=start, floor=0.5, tracking_uri=registry_uri)
+    assert (
+        not below.promoted
+        and "below the floor 0.5" in below.reason
+        and champion_of(registry_uri, name) is None
+    )
+    promoted = promote(name, better, margin=0.02, baseline=start, floor=0.45, tracking_uri=registry_uri)
+    assert promoted.promoted and "beats the margin" in promoted.reason  # control: the same version, passing
+    assert champion_of(registry_uri, name) == better
+
+
+def test_the_champion_not_the_start_model_is_the_reference_once_there_is_one(registry_uri, tmp_path):
+    name, (champion, candidate) = new_model(registry_uri, tmp_path, [0.60, 0.55], prefix="ref")
+    assert promote(name, champion, tracking_uri=registry_uri).promoted  # no champion, no baseline: first wins
+    weak_start = {"synthetic.accuracy": 0.10}
+    decision = promote(name, candidate, baseline=weak_start, tracking_uri=registry_uri)
+    assert not decision.promoted and f"vs champion v{champion}" in decision.reason  # beats the start, not v1
+    with pytest.raises(TgrlError, match="finite"):
+        promote(name, candidate, floor=float("nan"), tracking_uri=registry_uri)

@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "more than --margin and no benchmark drops by more than --max-regression. The version's "
             "artifacts are verified first (listed, downloaded, sha256 checked). The decision and the alias "
             "move happen under a registry-side lock, so concurrent promotes serialise. The decision and "
-            "evidence are recorded as version tags (promotion.*). Idempotent; with no champion the first "
-            "evaluated version wins. Exit 0 whether or not it promoted; 2 on errors."
+            "evidence are recorded as version tags (promotion.*). Idempotent. With no champion the "
+            "reference is the start model (--baseline-metrics); with neither, the first evaluated version "
+            "wins. --floor sets a least mean on top. Exit 0 whether or not it promoted; 2 on errors."
         ),
     )
     gate.add_argument("--model", required=True, help="registered model name")
@@ -32,6 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gate.add_argument(
         "--max-regression", default="0.05", help="largest allowed drop on any benchmark (default: 0.05)"
     )
+    gate.add_argument(
+        "--baseline-metrics",
+        help="results.json of the start model's evaluation: the reference while there is no champion",
+    )
+    gate.add_argument("--floor", help="least mean primary metric a candidate may have (default: none)")
     gate.add_argument(
         "--listing-only",
         action="store_true",
@@ -65,6 +71,7 @@ def _promote(args: argparse.Namespace) -> int:
 
     from tgrl_lib.mlops.promotion import promote
 
+    baseline = _read_metrics(args.baseline_metrics) if args.baseline_metrics else None
     decision = promote(
         args.model,
         args.version,
@@ -73,6 +80,8 @@ def _promote(args: argparse.Namespace) -> int:
         max_regression=args.max_regression,
         tracking_uri=args.tracking_uri,
         checksums=not args.listing_only,
+        baseline=baseline,
+        floor=args.floor,
     )
     if args.json:
         print(json.dumps({**decision.__dict__}, indent=2, sort_keys=True))
@@ -81,20 +90,26 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register(args: argparse.Namespace) -> int:
+def _read_metrics(file: str) -> dict:
     import json
     from pathlib import Path
 
     from tgrl_lib.errors import TgrlError
-    from tgrl_lib.mlops.registry import register_checkpoint
 
-    path = Path(args.metrics)
+    path = Path(file)
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise TgrlError(f"cannot read the metrics file ({err})", path=path) from None
     if not isinstance(metrics, dict):
         raise TgrlError("metrics file must hold a JSON object", path=path)
+    return metrics
+
+
+def _register(args: argparse.Namespace) -> int:
+    from tgrl_lib.mlops.registry import register_checkpoint
+
+    metrics = _read_metrics(args.metrics)
     version = register_checkpoint(
         args.checkpoint, args.model, args.run_id, metrics, tracking_uri=args.tracking_uri
     )

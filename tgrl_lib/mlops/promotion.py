@@ -1,11 +1,15 @@
 """The promotion gate: move alias `champion` to a registered version only when it beats the champion.
 
-The rule: the candidate's mean primary metric (over the benchmarks it shares with the champion) must beat
-the champion's by more than `margin`, and no shared benchmark may drop by more than `max_regression`;
-higher is better. Promoting the current champion again changes nothing ("already champion"); with no
-champion yet the first evaluated version is promoted; a version without `eval.*.<primary>` tags, or whose
-artifacts fail `registry.verify_version` (not listable, files missing, checksums wrong), is refused. The
-decision and its evidence are version tags (`promotion.decision|reason|compared_to|evidence|time`).
+The rule: the candidate's mean primary metric (over the benchmarks it shares with the reference) must beat
+the reference's by more than `margin`, and no shared benchmark may drop by more than `max_regression`;
+higher is better. The reference is the champion; with no champion yet, the start model the candidate was
+trained from (its `baseline` metrics, from the same evaluation), so a first version that learned nothing is
+not promoted. An optional absolute `floor` on the candidate's mean comes on top. Only with neither a
+champion nor a baseline is the first evaluated version promoted as it is. Promoting the current champion
+again changes nothing ("already champion"); a version without `eval.*.<primary>` tags, or whose artifacts
+fail `registry.verify_version` (not listable, files missing, checksums wrong), is refused. The decision, both
+numbers and the evidence are version tags (`promotion.decision|reason|compared_to|candidate_mean|
+reference_mean|evidence|time`).
 
 Compare-and-set (our construction: MLflow has no transactions). Reading the champion, judging and moving
 the alias happen while this process holds a registry-side lock: a registered model named
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.mlops.registry import CHAMPION, metrics_from_tags, registry_client, verify_version
+from tgrl_lib.mlops.registry import CHAMPION, eval_tags, metrics_from_tags, registry_client, verify_version
 from tgrl_lib.mlops.tracking import metric_key, mlflow_errors
 
 LOCK_SUFFIX = ".promotion-lock"
@@ -177,39 +181,44 @@ def _mean(values: dict[str, float], keys: list[str] | None = None) -> float | No
 
 def _judge(
     cand: dict[str, float],
-    champ: dict[str, float] | None,
-    champion: str | None,
+    reference: dict[str, float] | None,
+    versus: str,
     margin: float,
     max_reg: float,
+    floor: float | None = None,
 ) -> tuple[bool, str, dict[str, Any]]:
-    """(promote?, reason, comparison evidence) for primary-metric values per benchmark."""
+    """(promote?, reason, comparison evidence) for primary-metric values per benchmark, against `reference`
+    (the champion's or the start model's values, named `versus`; None: nothing to compare with)."""
     if not cand:
         return False, "not evaluated: no eval.<benchmark>.<primary> tags on this version", {}
-    if champion is None:
-        return True, "first evaluated version: there is no champion yet", {}
-    if not champ:
-        return False, f"champion v{champion} has no eval tags for the primary metric: evaluate it first", {}
-    common = sorted(set(cand) & set(champ))
+    if floor is not None and _mean(cand) < floor:  # type: ignore[operator]
+        return False, f"mean {_mean(cand):.4f} is below the floor {floor}", {"floor": floor}
+    if reference is None:
+        return True, "first evaluated version: no champion and no start-model evaluation to compare with", {}
+    if not reference:
+        return False, f"{versus} has no eval tags for the primary metric: evaluate it first", {}
+    common = sorted(set(cand) & set(reference))
     if not common:
-        return False, f"no benchmark in common with champion v{champion} ({sorted(champ)})", {}
-    cand_mean, champ_mean = _mean(cand, common), _mean(champ, common)
-    delta = cand_mean - champ_mean  # type: ignore[operator]
-    drops = {b: champ[b] - cand[b] for b in common}
+        return False, f"no benchmark in common with {versus} ({sorted(reference)})", {}
+    cand_mean, ref_mean = _mean(cand, common), _mean(reference, common)
+    delta = cand_mean - ref_mean  # type: ignore[operator]
+    drops = {b: reference[b] - cand[b] for b in common}
     regressions = {b: d for b, d in drops.items() if d > max_reg}
     evidence = {
+        "compared_to": versus,
         "benchmarks_compared": common,
         "candidate_mean": cand_mean,
-        "champion_mean": champ_mean,
+        "reference_mean": ref_mean,
         "delta": delta,
         "drops": drops,
     }
     if regressions:
         worst = max(regressions, key=regressions.get)  # type: ignore[arg-type]
         return False, f"{worst} regresses by {regressions[worst]:.4f} > max_regression {max_reg}", evidence
-    versus = f"mean {cand_mean:.4f} vs champion v{champion} {champ_mean:.4f}"
+    said = f"mean {cand_mean:.4f} vs {versus} {ref_mean:.4f}"
     if delta <= margin:
-        return False, f"{versus}: {delta:+.4f} does not beat the margin {margin}", evidence
-    return True, f"{versus}: {delta:+.4f} beats the margin {margin}", evidence
+        return False, f"{said}: {delta:+.4f} does not beat the margin {margin}", evidence
+    return True, f"{said}: {delta:+.4f} beats the margin {margin}", evidence
 
 
 def check_gate_inputs(margin: Any, max_regression: Any) -> tuple[float, float]:
@@ -240,10 +249,17 @@ def promote(
     tracking_uri: str | None = None,
     checksums: bool = True,
     lock_wait_s: float = LOCK_WAIT_S,
+    baseline: dict[str, Any] | None = None,
+    floor: float | None = None,
 ) -> PromotionDecision:
     """Run the promotion gate for `model_name` version `version` (see the module docstring).
-    `checksums=False` verifies the version's artifact listing only (no download)."""
+    `baseline`: the start model's eval metrics (an `evaluate` results.json payload or flat
+    `{benchmark.metric: value}`), the reference while there is no champion. `floor`: the least mean primary
+    metric a candidate may have. `checksums=False` verifies the artifact listing only (no download)."""
     margin, max_regression = check_gate_inputs(margin, max_regression)
+    if floor is not None:
+        floor = check_gate_inputs(floor, 0.0)[0]
+    start = None if baseline is None else metrics_from_tags(eval_tags(baseline), primary)
     client, version = registry_client(tracking_uri), str(version)
     with mlflow_errors(f"reading {model_name!r} v{version} from the registry"):
         candidate = client.get_model_version(model_name, version)
@@ -254,7 +270,10 @@ def promote(
         "margin": margin,
         "max_regression": max_regression,
         "candidate": {"version": version, "per_benchmark": cand, "mean": _mean(cand)},
+        "floor": floor,
     }
+    if start is not None:
+        evidence["start_model"] = {"per_benchmark": start, "mean": _mean(start)}
     broken = None
     if cand and current != version:  # verified outside the lock: a download can take long
         try:
@@ -295,12 +314,10 @@ def _decide_and_move(
     if broken:
         decision.reason = broken
     else:
+        reference = evidence.get("champion", evidence.get("start_model", {})).get("per_benchmark")
+        versus = f"champion v{champion}" if champion else "the start model"
         decision.promoted, decision.reason, comparison = _judge(
-            cand,
-            evidence.get("champion", {}).get("per_benchmark"),
-            champion,
-            evidence["margin"],
-            evidence["max_regression"],
+            cand, reference, versus, evidence["margin"], evidence["max_regression"], evidence["floor"]
         )
         evidence.update(comparison)
     with mlflow_errors(f"recording the promotion decision on {model_name!r} v{version}"):
@@ -319,7 +336,13 @@ def _decide_and_move(
         record = {
             "promotion.decision": "promoted" if decision.promoted else "refused",
             "promotion.reason": decision.reason[:5000],
-            "promotion.compared_to": f"v{champion}" if champion else "none",
+            "promotion.compared_to": f"v{champion}"
+            if champion
+            else "start model"
+            if "start_model" in evidence
+            else "none",
+            "promotion.candidate_mean": str(_mean(cand)),
+            "promotion.reference_mean": str(evidence.get("reference_mean", "")),
             "promotion.evidence": json.dumps(evidence, sort_keys=True)[:90_000],
             "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
