@@ -56,7 +56,8 @@ class DataConfig(StepConfig):
     n_warm: int = Field(
         0,
         ge=0,
-        description="Train problems split off as a warm-start part (warm/), the rest is rl/; 0 = none.",
+        description="Train problems split off as a warm-start part (warm/), the rest is rl/; 0 = none. "
+        "These splits are benchmarks/reproduce.py's; the pipeline's prepare step writes train/test only.",
     )
     n_ood: int = Field(0, ge=0, description="Out-of-distribution test problems (ood/); needs ood_color.")
     n_stress: int = Field(0, ge=0, description="Stress test problems at the hard level (stress/).")
