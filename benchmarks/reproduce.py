@@ -245,11 +245,13 @@ def held_out(recipe: Recipe, model: Path, paths: dict[str, Path], out: Path, sam
     `reproduce.sampled_eval` also avg@k at the training temperature under `sampled`."""
     cached = out / "summary.json"
     summary = json.loads(cached.read_text()) if cached.exists() else None
+    spec = recipe.repro.sampled_eval
+    if summary is not None and not (sampled and spec is not None and "sampled" not in summary):
+        return summary
     if summary is None:
         splits = _evaluate(recipe, model, paths, out, recipe.pipeline.eval)
         summary = dict(splits["test"]) | {"splits": splits}
-    spec = recipe.repro.sampled_eval
-    if sampled and spec is not None and "sampled" not in summary:
+    if sampled and spec is not None:
         train_t = recipe.pipeline.train.sampling.temperature
         sampling = {"temperature": spec.temperature or train_t}
         config = recipe.pipeline.eval.model_copy(update={"samples": spec.samples})
@@ -257,7 +259,9 @@ def held_out(recipe: Recipe, model: Path, paths: dict[str, Path], out: Path, sam
         summary["sampled"] = _evaluate(recipe, model, paths, out / "sampled", config)
         summary["sampled"]["spec"] = {"samples": spec.samples, "temperature": sampling["temperature"]}
     out.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(summary, indent=1))
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")  # other arms of the seed may read it meanwhile
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(cached)
     return summary
 
 
