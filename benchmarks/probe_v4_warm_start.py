@@ -28,6 +28,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--n-val", type=int, default=256)
+    p.add_argument("--warm-steps", type=int, default=None, help="Override the recipe's warm-start updates.")
     args = p.parse_args()
     os.environ.setdefault("TGRL_PROGRESS", "0")
     import torch
@@ -38,6 +39,8 @@ def main() -> int:
 
     torch.set_num_threads(1)
     recipe = load_recipe(RECIPE, quick=False)
+    if args.warm_steps:  # a longer warm start continues from the shorter one's checkpoints (resume: auto)
+        recipe.repro.warm_start.steps = args.warm_steps
     t0 = time.perf_counter()
     paths = prepare_data(recipe, args.work)
     t_data = time.perf_counter() - t0
@@ -85,7 +88,8 @@ def main() -> int:
         "load": os.getloadavg(),
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"seed{args.seed}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    name = f"seed{args.seed}-warm{recipe.repro.warm_start.steps}"
+    (OUT / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     print(json.dumps(payload["validation"]["overall"], indent=1), payload["experts"], payload["seconds"])
     return 0
 
