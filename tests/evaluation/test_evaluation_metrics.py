@@ -88,9 +88,12 @@ def test_evidence_use_per_family_hand_computed():
             SampleScore(False, True, 5, 0, 0, evidence=None),
         ],
         has_facts=True,
+        has_task=True,
     )
-    chart = ProblemScore("b", "chart", [SampleScore(False, True, 5, 2, 0, evidence=True)], has_facts=True)
+    chart = ProblemScore("b", "chart", [SampleScore(False, True, 5, 2, 0, evidence=True)], True, True)
+    untasked = ProblemScore("c", "chart", [SampleScore(True, True, 5, 1, 1)], has_facts=True)  # imported
     summary = summarize([count, chart], k=1)
+    assert "evidence_use" not in aggregate([untasked], k=1)  # facts but no task: not judged
     assert summary["groups"]["count"]["evidence_use"] == pytest.approx(1 / 2)  # not derivable: not counted
     assert summary["groups"]["count"]["evidence_derivable"] == pytest.approx(2 / 3)
     assert summary["groups"]["chart"]["evidence_use"] == 1.0  # wrong facts, wrong answer, but faithful

@@ -45,6 +45,7 @@ class ProblemScore:
     group: str
     samples: list[SampleScore] = field(default_factory=list)
     has_facts: bool = False
+    has_task: bool = False  # a machine-readable task (synthetic): evidence use can be judged
 
 
 def problem_group(problem: Problem) -> str:
@@ -57,7 +58,9 @@ def score_problem(problem: Problem, texts: list[str], lengths: list[int] | None 
     from tgrl_lib.scoring.grounding import check_claims, extract_claims
     from tgrl_lib.scoring.rewards import has_valid_format, verify
 
-    score = ProblemScore(problem.id, problem_group(problem), has_facts=bool(problem.facts))
+    task = (problem.meta or {}).get("task")
+    has_task = bool(problem.facts) and isinstance(task, dict) and "op" in task
+    score = ProblemScore(problem.id, problem_group(problem), has_facts=bool(problem.facts), has_task=has_task)
     for i, text in enumerate(texts):
         length = lengths[i] if lengths is not None else len(text.split())
         sample = SampleScore(
@@ -66,7 +69,7 @@ def score_problem(problem: Problem, texts: list[str], lengths: list[int] | None 
         if problem.facts:
             result = check_claims(extract_claims(text), problem.facts)
             sample.stated, sample.true_facts = result.stated, result.true
-            sample.evidence = evidence_use(text, problem).follows
+            sample.evidence = evidence_use(text, problem).follows if has_task else None
         score.samples.append(sample)
     return score
 
@@ -96,9 +99,11 @@ def aggregate(scores: list[ProblemScore], k: int) -> dict[str, float]:
     if grounded:
         metrics["grounding"] = sum(s.true_facts for s in grounded) / stated if stated else 0.0
         metrics["facts_stated_mean"] = stated / len(grounded)
-        derivable = [s.evidence for s in grounded if s.evidence is not None]
+    tasked = [s for p in scores if p.has_task for s in p.samples]
+    if tasked:  # problems with facts and a machine-readable task (synthetic)
+        derivable = [s.evidence for s in tasked if s.evidence is not None]
         metrics["evidence_use"] = sum(derivable) / len(derivable) if derivable else 0.0
-        metrics["evidence_derivable"] = len(derivable) / len(grounded)
+        metrics["evidence_derivable"] = len(derivable) / len(tasked)
     return metrics
 
 
@@ -115,18 +120,15 @@ def summarize(scores: list[ProblemScore], k: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ reports
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    """One row per benchmark and per family; columns are the metrics present."""
+    """One row per benchmark and per family; columns are the metrics present (evidence use only where
+    some benchmark has synthetic tasks)."""
+    evidence = [
+        m for m in ("evidence_use", "evidence_derivable") if any(m in r["overall"] for r in results.values())
+    ]
     columns = (
         ["count", "accuracy"]
         + sorted({m for r in results.values() for m in r["overall"] if m.startswith("pass@")})
-        + [
-            "format_rate",
-            "length_mean",
-            "grounding",
-            "facts_stated_mean",
-            "evidence_use",
-            "evidence_derivable",
-        ]
+        + ["format_rate", "length_mean", "grounding", "facts_stated_mean", *evidence]
     )
     lines = ["| benchmark | group | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for bench, result in results.items():
