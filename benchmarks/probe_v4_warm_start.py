@@ -57,7 +57,7 @@ def main() -> int:
             image_size=d.image_size,
             families=d.families,
             difficulties=d.difficulties,
-            ood_color=d.ood_color,
+            ood_color=recipe.repro.splits.ood_color,
         )
     info = start_model(recipe, args.work, args.seed, paths)
     t_warm = time.perf_counter() - t0 - t_data

@@ -56,6 +56,19 @@ class WarmStart(BaseModel):
     lr: float | None = Field(None, gt=0, description="None = the recipe's train.lr.")
 
 
+class Splits(BaseModel):
+    """Extra synthetic splits (`tgrl_lib.data.synthetic.synthesize_splits`); all 0 = table v3's data."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_warm: int = Field(
+        0, ge=0, description="Of data.n_train, problems for the warm start (warm/); rest: rl/."
+    )
+    n_ood: int = Field(0, ge=0, description="Out-of-distribution test problems (ood/); needs ood_color.")
+    n_stress: int = Field(0, ge=0, description="Hard-level test problems (stress/).")
+    ood_color: str | None = Field(None, description="Colour no train/test question names; ood/ questions do.")
+    ood_extra_objects: int = Field(1, ge=1, le=3, description="ood/ scenes: up to this many more shapes.")
+
+
 class SampledEval(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(4, ge=1, description="k samples per problem: avg@k of the final models.")
@@ -79,6 +92,9 @@ class ReproduceConfig(BaseModel):
         "group_size (as many sequences as an RL update trains on), 'problems' = problems_per_step.",
     )
     arms: list[str] = Field(default_factory=lambda: list(V3_ARMS), description="Arms to run.")
+    splits: Splits = Field(
+        default_factory=Splits, description="Warm-start / RL parts, OOD and stress splits."
+    )
     start_min_accuracy: float | None = Field(
         None, ge=0, le=1, description="Seeds whose start model is below this greedy test accuracy are "
         "dropped from the arms (and reported); None = keep every seed."
@@ -141,15 +157,13 @@ def prepare_data(recipe: Recipe, work: Path) -> dict[str, Path]:
     With `data.n_warm` the warm start has its own problems and experts (warm/), the arms the rest (rl/)."""
     from tgrl_lib.data.synthetic import synthesize_splits
 
-    d = recipe.pipeline.data
-    splits = {"test": d.n_test, "ood": d.n_ood, "stress": d.n_stress, "warm": d.n_warm}
+    d, x = recipe.pipeline.data, recipe.repro.splits
+    splits = {"test": d.n_test, "ood": x.n_ood, "stress": x.n_stress, "warm": x.n_warm}
     wanted = [name for name, n in splits.items() if n]
     if not all((work / "data" / name / "manifest.json").exists() for name in wanted):
         shutil.rmtree(work / "data", ignore_errors=True)
         synthesize_splits(work / "data", d.n_train, d.n_test, d.seed, image_size=d.image_size,
-                          families=d.families, difficulties=d.difficulties, n_warm=d.n_warm, n_ood=d.n_ood,
-                          n_stress=d.n_stress, ood_color=d.ood_color,
-                          ood_extra_objects=d.ood_extra_objects)  # fmt: skip
+                          families=d.families, difficulties=d.difficulties, **x.model_dump())  # fmt: skip
     paths = data_paths(work)
     _experts(recipe, work, paths["train"], paths["raw"], paths["filtered"], "")
     if paths["warm"] != paths["train"]:

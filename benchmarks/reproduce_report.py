@@ -522,12 +522,13 @@ def write_report(
     out += ["", "## Results (held-out test split, final model)", "", "mean ± sample std over seeds.", ""]
     out += results_table(runs, arms, order)
     if any("splits" in r["final"] for r in runs.values()):
+        ood = recipe.repro.splits.ood_color
         out += ["", "### In distribution, out of distribution, stress (final model)", "",
-                "ID = the test split (same question types as training); OOD = questions naming a colour "
-                f"no training question names ({d.ood_color}) and scenes with more shapes than training "
-                "scenes; stress = the hard level. Grounding = true / stated facts; evidence use = answers "
-                "that follow from the response's own stated facts (over the responses that state enough). "
-                "avg@k: k samples at the training temperature. mean ± sample std.", ""]  # fmt: skip
+                f"ID = the test split (same question types as training); OOD = questions naming a colour no "
+                f"training question names ({ood}) and scenes with more shapes than training scenes; stress "
+                "= the hard level. Grounding = true / stated facts; evidence use = answers that follow from "
+                "the response's own stated facts (over the responses that state enough). avg@k: k samples "
+                "at the training temperature. mean ± sample std.", ""]  # fmt: skip
         out += split_table(runs, arms, order)
         out += gate_lines(runs_dir)
         out += ["", "#### Raw per-seed numbers", ""] + split_per_seed(runs, arms, order)

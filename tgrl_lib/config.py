@@ -53,30 +53,6 @@ class DataConfig(StepConfig):
     difficulties: list[str] = Field(
         default_factory=lambda: ["easy", "hard"], description="Difficulty levels to draw from."
     )
-    n_warm: int = Field(
-        0,
-        ge=0,
-        description="Train problems split off as a warm-start part (warm/), the rest is rl/; 0 = none. "
-        "These splits are benchmarks/reproduce.py's; the pipeline's prepare step writes train/test only.",
-    )
-    n_ood: int = Field(0, ge=0, description="Out-of-distribution test problems (ood/); needs ood_color.")
-    n_stress: int = Field(0, ge=0, description="Stress test problems at the hard level (stress/).")
-    ood_color: str | None = Field(
-        None, description="A colour no train/test question names; every ood/ question that names one uses it."
-    )
-    ood_extra_objects: int = Field(
-        1, ge=0, le=3, description="ood/ scenes hold this many more shapes (or bars) than the train ones."
-    )
-
-    @model_validator(mode="after")
-    def _splits(self) -> DataConfig:
-        if self.n_warm >= self.n_train:
-            raise ValueError(f"data.n_warm ({self.n_warm}) must be below data.n_train ({self.n_train})")
-        if self.n_ood and self.ood_color is None:
-            raise ValueError(
-                "data.n_ood > 0 needs data.ood_color (the colour held out of training questions)"
-            )
-        return self
 
 
 # ------------------------------------------------------------------------------ sampling, backends
