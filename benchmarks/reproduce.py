@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,81 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from reproduce_arms import ARMS, NO_WEIGHTS, V3_ARMS, Stage  # noqa: E402  (after the path above)
+
 DEFAULT_RECIPE = REPO / "benchmarks" / "configs" / "repro-tiny-cpu.yaml"
 TRAIN_KEYS = ("reward/mean", "reward/accuracy", "reward/format", "expert/prob_mean", "loss/sft")
 TRAIN_KEYS += ("response/length_mean", "perf/step_time_s")
-EVAL_KEYS = ("accuracy", "format_rate", "grounding", "facts_stated_mean", "length_mean")
-
-
-# ------------------------------------------------------------------------------------------- arms
-@dataclass(frozen=True)
-class Stage:
-    """One `train` call: `share` of the arm's update budget with `algorithm` on `experts` (or none)."""
-
-    algorithm: str  # sft | grpo | tgrl
-    share: float  # fraction of reproduce.steps
-    experts: str | None  # "filtered" (after the recipe's filters) | "raw" (oracle output, faults in) | None
-    changes: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys on top of the recipe's train
-
-
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    title: str
-    switches: str  # what differs from TGRL full, for the results file
-    stages: tuple[Stage, ...] = ()
-
-
-NO_WEIGHTS = {"weighting": {"kind": "none"}}
-NO_FILTER = {"in_loop_filter": {"require_verified": False}}
-ARMS = {
-    a.name: a
-    for a in (
-        Arm("untrained", "untrained", "no training: the start model evaluated as is"),
-        Arm(
-            "sft",
-            "SFT on expert trajectories",
-            "sft loss on the filtered expert trajectories, no rollouts, no token weights",
-            (Stage("sft", 1.0, "filtered", NO_WEIGHTS),),
-        ),
-        Arm(
-            "grpo",
-            "GRPO",
-            "no expert trajectories (n_expert 0), no token weights",
-            (Stage("grpo", 1.0, None, NO_WEIGHTS),),
-        ),
-        Arm(
-            "sft_grpo",
-            "SFT then GRPO",
-            "first half of the budget as `sft`, second half as `grpo` from the SFT model",
-            (Stage("sft", 0.5, "filtered", NO_WEIGHTS), Stage("grpo", 0.5, None, NO_WEIGHTS)),
-        ),
-        Arm(
-            "luffy",
-            "mixing + shaping only (LUFFY-style)",
-            "no token weights and no trajectory filtering (raw experts, in-loop verified check off)",
-            (Stage("tgrl", 1.0, "raw", NO_WEIGHTS | NO_FILTER),),
-        ),
-        Arm(
-            "tgrl",
-            "TGRL full",
-            "mixing + shaping + visual-dependency token weights + filtered experts",
-            (Stage("tgrl", 1.0, "filtered"),),
-        ),
-        Arm(
-            "tgrl_no_reweight",
-            "TGRL without token reweighting",
-            "weighting.kind none",
-            (Stage("tgrl", 1.0, "filtered", NO_WEIGHTS),),
-        ),
-        Arm(
-            "tgrl_no_filter",
-            "TGRL without trajectory filtering",
-            "raw experts (faults in, no offline filters), in-loop verified check off",
-            (Stage("tgrl", 1.0, "raw", NO_FILTER),),
-        ),
-    )
-}
+EVAL_KEYS = ("accuracy", "format_rate", "grounding", "facts_stated_mean", "length_mean", "evidence_use",
+             "evidence_derivable")  # fmt: skip
+SPLITS = ("test", "ood", "stress")  # evaluated when the data has them; "test" is reported as "synthetic"
 
 
 # ----------------------------------------------------------------------------------------- recipe
@@ -121,6 +54,25 @@ class WarmStart(BaseModel):
     steps: int = Field(ge=1, description="SFT updates on the filtered experts before any arm (not budgeted).")
     problems_per_step: int | None = Field(None, ge=1, description="None = the recipe's train value.")
     lr: float | None = Field(None, gt=0, description="None = the recipe's train.lr.")
+
+
+class Splits(BaseModel):
+    """Extra synthetic splits (`tgrl_lib.data.synthetic.synthesize_splits`); all 0 = table v3's data."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_warm: int = Field(
+        0, ge=0, description="Of data.n_train, problems for the warm start (warm/); rest: rl/."
+    )
+    n_ood: int = Field(0, ge=0, description="Out-of-distribution test problems (ood/); needs ood_color.")
+    n_stress: int = Field(0, ge=0, description="Hard-level test problems (stress/).")
+    ood_color: str | None = Field(None, description="Colour no train/test question names; ood/ questions do.")
+    ood_extra_objects: int = Field(1, ge=1, le=3, description="ood/ scenes: up to this many more shapes.")
+
+
+class SampledEval(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(4, ge=1, description="k samples per problem: avg@k of the final models.")
+    temperature: float | None = Field(None, gt=0, description="None = the training temperature.")
 
 
 class ReproduceConfig(BaseModel):
@@ -139,7 +91,17 @@ class ReproduceConfig(BaseModel):
         description="Expert trajectories per SFT update in the arms: 'group' = problems_per_step x "
         "group_size (as many sequences as an RL update trains on), 'problems' = problems_per_step.",
     )
-    arms: list[str] = Field(default_factory=lambda: list(ARMS), description="Arms to run.")
+    arms: list[str] = Field(default_factory=lambda: list(V3_ARMS), description="Arms to run.")
+    splits: Splits = Field(
+        default_factory=Splits, description="Warm-start / RL parts, OOD and stress splits."
+    )
+    start_min_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Seeds whose start model is below this greedy test accuracy are "
+        "dropped from the arms (and reported); None = keep every seed."
+    )  # fmt: skip
+    sampled_eval: SampledEval | None = Field(
+        None, description="Also evaluate final models with k samples at the training temperature."
+    )
 
 
 @dataclass
@@ -191,25 +153,33 @@ def load_unchanged(recipe_path: str, quick: bool, work: str) -> Recipe:
 
 # ------------------------------------------------------------------------------------- data + start
 def prepare_data(recipe: Recipe, work: Path) -> dict[str, Path]:
-    """Splits, raw oracle trajectories (faults injected) and the filtered ones; skipped when present."""
+    """Splits, raw oracle trajectories (faults injected) and the filtered ones; skipped when present.
+    With `data.n_warm` the warm start has its own problems and experts (warm/), the arms the rest (rl/)."""
     from tgrl_lib.data.synthetic import synthesize_splits
+
+    d, x = recipe.pipeline.data, recipe.repro.splits
+    splits = {"test": d.n_test, "ood": x.n_ood, "stress": x.n_stress, "warm": x.n_warm}
+    wanted = [name for name, n in splits.items() if n]
+    if not all((work / "data" / name / "manifest.json").exists() for name in wanted):
+        shutil.rmtree(work / "data", ignore_errors=True)
+        synthesize_splits(work / "data", d.n_train, d.n_test, d.seed, image_size=d.image_size,
+                          families=d.families, difficulties=d.difficulties, **x.model_dump())  # fmt: skip
+    paths = data_paths(work)
+    _experts(recipe, work, paths["train"], paths["raw"], paths["filtered"], "")
+    if paths["warm"] != paths["train"]:
+        _experts(recipe, work, paths["warm"], paths["warm_raw"], paths["warm_filtered"], "warm_")
+    return paths
+
+
+def _experts(recipe: Recipe, work: Path, problems: Path, raw: Path, filtered: Path, prefix: str) -> None:
     from tgrl_lib.filters.run import run_filters
     from tgrl_lib.generation.run import generate_trajectories
 
-    d = recipe.pipeline.data
-    paths = data_paths(work)
-    if not (paths["test"] / "manifest.json").exists():
-        shutil.rmtree(work / "data", ignore_errors=True)
-        synthesize_splits(work / "data", d.n_train, d.n_test, d.seed, image_size=d.image_size,
-                          families=d.families, difficulties=d.difficulties)  # fmt: skip
-    if not (paths["raw"] / "manifest.json").exists():
-        generate_trajectories(paths["train"], paths["raw"], recipe.pipeline.generate)
-    if not (paths["filtered"] / "manifest.json").exists():
-        report = run_filters(
-            paths["raw"], paths["filtered"], work / "experts_rejected", recipe.pipeline.filter
-        )
-        print(f"filtered experts: {report.kept} kept of {report.input}", flush=True)
-    return paths
+    if not (raw / "manifest.json").exists():
+        generate_trajectories(problems, raw, recipe.pipeline.generate)
+    if not (filtered / "manifest.json").exists():
+        report = run_filters(raw, filtered, work / f"{prefix}experts_rejected", recipe.pipeline.filter)
+        print(f"filtered {prefix}experts: {report.kept} kept of {report.input}", flush=True)
 
 
 def start_model(recipe: Recipe, work: Path, seed: int, paths: dict[str, Path]) -> dict[str, Any]:
@@ -229,7 +199,7 @@ def start_model(recipe: Recipe, work: Path, seed: int, paths: dict[str, Path]) -
         t0 = time.perf_counter()
         changes = {"problems_per_step": warm.problems_per_step, "lr": warm.lr} | NO_WEIGHTS
         changes = {k: v for k, v in changes.items() if v is not None}
-        stage = Stage("sft", 1.0, "filtered", changes)
+        stage = Stage("sft", 1.0, "warm_filtered", changes)
         out = seed_dir / "warm_start"
         result = run_stage(recipe, stage, init, out, seed, warm.steps, paths, warm=True)
         info |= {"start": str(result), "warm_start_s": time.perf_counter() - t0}
@@ -255,7 +225,10 @@ def stage_config(
         "resume": "auto",
     }
     data = deep_merge(deep_merge(base, stage.changes), fixed)
-    if stage.algorithm == "sft" and recipe.repro.sft_sequences == "group" and not warm:
+    if stage.algorithm == "sft" and (warm or stage.batch == "group"):  # one expert per problem
+        data["mixing"] = {**data["mixing"], "n_expert": 1}
+    group_batch = recipe.repro.sft_sequences == "group" and stage.batch == "group"
+    if stage.algorithm == "sft" and group_batch and not warm:  # as many sequences as an RL update
         data["problems_per_step"] = data["problems_per_step"] * data["group_size"]
     if stage.algorithm == "grpo":
         data["mixing"] = {**data["mixing"], "n_expert": 0}
@@ -276,21 +249,52 @@ def run_stage(
 
     config = stage_config(recipe, stage, model, out, seed, steps, warm)
     experts = paths[stage.experts] if stage.experts else None
-    return train(config, problems_dir=paths["train"], experts_dir=experts).final_dir
+    problems = paths["warm"] if warm else paths["train"]
+    return train(config, problems_dir=problems, experts_dir=experts).final_dir
 
 
-def held_out(recipe: Recipe, model: Path, test: Path, out: Path) -> dict[str, Any]:
-    """Greedy held-out metrics of `model` (cached in `out/summary.json`)."""
+def held_out(recipe: Recipe, model: Path, paths: dict[str, Path], out: Path, sampled: bool = False) -> dict:
+    """Greedy metrics of `model` on every test split (cached in `out/summary.json`): the in-distribution
+    split's at the top level (as table v3 had them) and each split's under `splits`; with `sampled` and
+    `reproduce.sampled_eval` also avg@k at the training temperature under `sampled`."""
+    cached = out / "summary.json"
+    summary = json.loads(cached.read_text()) if cached.exists() else None
+    spec = recipe.repro.sampled_eval
+    if summary is not None and not (sampled and spec is not None and "sampled" not in summary):
+        return summary
+    if summary is None:
+        splits = _evaluate(recipe, model, paths, out, recipe.pipeline.eval)
+        summary = dict(splits["test"]) | {"splits": splits}
+    if sampled and spec is not None:
+        train_t = recipe.pipeline.train.sampling.temperature
+        sampling = {"temperature": spec.temperature or train_t}
+        config = recipe.pipeline.eval.model_copy(update={"samples": spec.samples})
+        config = config.model_copy(update={"sampling": config.sampling.model_copy(update=sampling)})
+        summary["sampled"] = _evaluate(recipe, model, paths, out / "sampled", config)
+        summary["sampled"]["spec"] = {"samples": spec.samples, "temperature": sampling["temperature"]}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")  # other arms of the seed may read it meanwhile
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(cached)
+    return summary
+
+
+def _evaluate(recipe: Recipe, model: Path, paths: dict[str, Path], out: Path, config: Any) -> dict[str, Any]:
     from tgrl_lib.evaluation.run import evaluate
 
-    cached = out / "summary.json"
-    if cached.exists():
-        return json.loads(cached.read_text())
-    result = evaluate(model, {"synthetic": test}, recipe.pipeline.eval, out)["benchmarks"]["synthetic"]
-    summary = {k: result["overall"].get(k) for k in EVAL_KEYS}
-    summary["families"] = {g: m["accuracy"] for g, m in result["groups"].items()}
-    cached.write_text(json.dumps(summary, indent=1))
-    return summary
+    benchmarks = {("synthetic" if s == "test" else s): paths[s] for s in SPLITS if s in paths}
+    result = evaluate(model, benchmarks, config, out)["benchmarks"]
+    splits = {}
+    for split in SPLITS:
+        name = "synthetic" if split == "test" else split
+        if name in result:
+            metrics = result[name]
+            splits[split] = {k: metrics["overall"].get(k) for k in EVAL_KEYS}
+            splits[split]["families"] = {g: m["accuracy"] for g, m in metrics["groups"].items()}
+            splits[split]["family_evidence"] = {
+                g: m.get("evidence_use") for g, m in metrics["groups"].items()
+            }
+    return splits
 
 
 def train_metrics(out: Path, offset: int) -> list[dict[str, float]]:
@@ -314,7 +318,10 @@ def run_arm(recipe_path: str, quick: bool, work: str, results: str, arm_name: st
     t0 = time.perf_counter()
     run_dir = work_dir / f"seed{seed}" / arm_name
     model, offset = Path(start["start"]), 0
-    curve = [{"step": 0} | held_out(recipe, model, paths["test"], work_dir / f"seed{seed}" / "eval_start")]
+    sampled_start = not arm.stages  # the start model's own row: also avg@k
+    curve = [
+        {"step": 0} | held_out(recipe, model, paths, work_dir / f"seed{seed}" / "eval_start", sampled_start)
+    ]
     train_rows: list[dict[str, float]] = []
     stages = []
     budget = recipe.repro.steps
@@ -323,18 +330,19 @@ def run_arm(recipe_path: str, quick: bool, work: str, results: str, arm_name: st
         out = run_dir / f"stage{i}-{stage.algorithm}"
         final = run_stage(recipe, stage, model, out, seed, steps, paths)
         train_rows += train_metrics(out, offset)
-        for ckpt in sorted(out.glob("step-*")):
+        checkpoints = sorted(out.glob("step-*"))
+        for ckpt in checkpoints:
             step = int(ckpt.name.split("-")[1])
-            curve.append(
-                {"step": offset + step} | held_out(recipe, ckpt, paths["test"], out / f"eval-{ckpt.name}")
-            )
+            last = i == len(arm.stages) - 1 and ckpt == checkpoints[-1]  # the final model: also avg@k
+            held = held_out(recipe, ckpt, paths, out / f"eval-{ckpt.name}", sampled=last)
+            curve.append({"step": offset + step} | held)
         stages.append({"algorithm": stage.algorithm, "steps": steps, "experts": stage.experts,
                        "changes": stage.changes})  # fmt: skip
         model, offset = final, offset + steps
     final_metrics = curve[-1]
     extra = {}
     if not arm.stages and start["init"] != start["start"]:  # also the random init, for reference
-        extra["random_init"] = held_out(recipe, Path(start["init"]), paths["test"], run_dir / "eval_init")
+        extra["random_init"] = held_out(recipe, Path(start["init"]), paths, run_dir / "eval_init")
     payload = {
         "arm": arm_name,
         "seed": seed,
@@ -386,12 +394,21 @@ def default_work(name: str) -> Path:
 
 
 def data_paths(work: Path) -> dict[str, Path]:
-    return {
-        "train": work / "data" / "train",
-        "test": work / "data" / "test",
+    """Problems and experts in `work`: `train` is what the arms train on (rl/ when the data has a warm-start
+    part, else train/), `warm` what the warm start trains on; ood/ and stress/ only when present."""
+    data = work / "data"
+    split = (data / "warm").is_dir()
+    paths = {
+        "train": data / ("rl" if split else "train"),
+        "warm": data / ("warm" if split else "train"),
+        "test": data / "test",
         "raw": work / "experts_raw",
         "filtered": work / "experts_filtered",
+        "warm_raw": work / ("warm_experts_raw" if split else "experts_raw"),
+        "warm_filtered": work / ("warm_experts_filtered" if split else "experts_filtered"),
     }
+    paths |= {s: data / s for s in ("ood", "stress") if (data / s).is_dir()}
+    return paths
 
 
 def prepare_seed(recipe_path: str, quick: bool, work: str, seed: int) -> dict[str, Any]:
@@ -403,9 +420,29 @@ def prepare_seed(recipe_path: str, quick: bool, work: str, seed: int) -> dict[st
     marker = work_dir / f"seed{seed}" / "start.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    info = start_model(recipe, work_dir, seed, data_paths(work_dir)) | {"revision": revision()}
+    paths = data_paths(work_dir)
+    info = start_model(recipe, work_dir, seed, paths) | {"revision": revision()}
+    start = held_out(recipe, Path(info["start"]), paths, work_dir / f"seed{seed}" / "eval_start")
+    info["start_accuracy"] = start["accuracy"]  # greedy, in distribution: the start gate reads it
     marker.write_text(json.dumps(info, indent=1))
     return info
+
+
+def start_gate(recipe: Recipe, infos: list[dict[str, Any]], runs_dir: Path) -> list[int]:
+    """The seeds whose start model passes `reproduce.start_min_accuracy` (all when it is None); every
+    seed's start accuracy and the dropped ones go to `runs_dir/start_gate.json` for the report."""
+    floor = recipe.repro.start_min_accuracy
+    accuracy = {s: info.get("start_accuracy") for s, info in zip(recipe.repro.seeds, infos, strict=True)}
+    kept = [s for s, a in accuracy.items() if floor is None or (a is not None and a >= floor)]
+    dropped = [s for s in accuracy if s not in kept]
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    gate = {"min_accuracy": floor, "start_accuracy": accuracy, "dropped": dropped}
+    (runs_dir / "start_gate.json").write_text(json.dumps(gate, indent=1) + "\n")
+    if dropped:
+        print(
+            f"start gate: dropping seed(s) {dropped} (start accuracy below {floor}): {accuracy}", flush=True
+        )
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -477,10 +514,13 @@ def main(argv: list[str] | None = None) -> int:
             common = (str(args.recipe), args.quick, str(work))
             pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=_spawn())
             try:
-                list(pool.map(prepare_seed, *zip(*[(*common, s) for s in recipe.repro.seeds], strict=True)))
+                starts = pool.map(
+                    prepare_seed, *zip(*[(*common, s) for s in recipe.repro.seeds], strict=True)
+                )
+                seeds = start_gate(recipe, list(starts), runs_dir)
                 todo = [
                     (arm, seed)
-                    for seed in recipe.repro.seeds
+                    for seed in seeds
                     for arm in arms
                     if not (runs_dir / f"{arm}-seed{seed}.json").exists()
                 ]

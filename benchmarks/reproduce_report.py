@@ -11,7 +11,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-READING = Path(__file__).resolve().parent / "configs" / "reproduction_reading.md"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+READING = (
+    CONFIGS / "reproduction_reading.md"
+)  # table v3's (recipe repro-tiny-cpu); others: <recipe>_reading.md
 METRICS = (("accuracy", "accuracy"), ("grounding", "grounding"), ("format_rate", "format rate"))
 REFERENCE = "tgrl"
 
@@ -211,6 +214,107 @@ def _mean_series(seeds: list[dict], key: str, window: int = 10) -> list[tuple[in
 
 
 # ------------------------------------------------------------------------------------------ markdown
+def value(run: dict[str, Any], split: str, key: str, sampled: bool = False) -> float | None:
+    """A final metric of one run: greedy on `split` (test / ood / stress), or avg@k with `sampled`."""
+    final = run["final"]
+    source = final.get("sampled", {}) if sampled else final.get("splits", {"test": final})
+    return (source.get(split) or {}).get(key)
+
+
+# (column title, split, metric, sampled)
+SPLIT_COLUMNS = (
+    ("ID acc", "test", "accuracy", False),
+    ("OOD acc", "ood", "accuracy", False),
+    ("stress acc", "stress", "accuracy", False),
+    ("ID grounding", "test", "grounding", False),
+    ("OOD grounding", "ood", "grounding", False),
+    ("ID evidence use", "test", "evidence_use", False),
+    ("OOD evidence use", "ood", "evidence_use", False),
+    ("ID avg@k (train T)", "test", "accuracy", True),
+    ("OOD avg@k (train T)", "ood", "accuracy", True),
+)
+
+
+def split_columns(runs: dict) -> list[tuple[str, str, str, bool]]:
+    """The SPLIT_COLUMNS some run has a value for (a v3 run has only the test split, greedy)."""
+    return [c for c in SPLIT_COLUMNS if any(value(r, c[1], c[2], c[3]) is not None for r in runs.values())]
+
+
+def split_table(runs: dict, arms: dict, order: list[str]) -> list[str]:
+    cols = split_columns(runs)
+    lines = ["| arm | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name in order:
+        mine = [r for (a, _), r in sorted(runs.items()) if a == name]
+        cells = [mean_std([v for r in mine if (v := value(r, *c[1:])) is not None]) for c in cols]
+        lines.append(f"| {arms[name].title} | {len(mine)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def split_per_seed(runs: dict, arms: dict, order: list[str]) -> list[str]:
+    cols = split_columns(runs)
+    lines = ["| arm | seed | " + " | ".join(c[0] for c in cols) + " | facts stated | updates | wall s |",
+             "|---|---|" + "---|" * (len(cols) + 3)]  # fmt: skip
+    for name in order:
+        for (a, seed), r in sorted(runs.items()):
+            if a == name:
+                cells = [f"{v:.3f}" if (v := value(r, *c[1:])) is not None else "-" for c in cols]
+                stated = r["final"].get("facts_stated_mean") or 0.0
+                lines.append(f"| {arms[name].title} | {seed} | " + " | ".join(cells)
+                             + f" | {stated:.2f} | {r['updates']} | {r['wall_s']:.0f} |")  # fmt: skip
+    return lines
+
+
+def paired(runs: dict, arms: dict, order: list[str], ref: str) -> list[str]:
+    """`ref` minus each arm, paired by seed, on every split column: mean (wins / seeds)."""
+    cols = split_columns(runs)
+    lines = [f"| {arms[ref].title} minus | seeds | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]  # fmt: skip
+    for name in order:
+        seeds = sorted(s for (a, s) in runs if a == name and (ref, s) in runs)
+        if name == ref or not seeds:
+            continue
+        cells = []
+        for c in cols:
+            pairs = [(value(runs[(ref, s)], *c[1:]), value(runs[(name, s)], *c[1:])) for s in seeds]
+            deltas = [x - y for x, y in pairs if x is not None and y is not None]
+            wins = sum(d > 0 for d in deltas)
+            cells.append(f"{statistics.mean(deltas):+.3f} ({wins}/{len(deltas)})" if deltas else "-")
+        lines.append(f"| {arms[name].title} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def split_protocol(x: Any, n_train: int) -> list[str]:
+    """The protocol line on the v4 splits (none for table v3's data)."""
+    if not (x.n_warm or x.n_ood or x.n_stress):
+        return []
+    return [
+        f"- splits: of the train problems {x.n_warm} for the warm start (warm/, own experts), the other "
+        f"{n_train - x.n_warm} for the arms (rl/); {x.n_ood} out-of-distribution problems (questions naming "
+        f"{x.ood_color}, which no training question names; 1..{x.ood_extra_objects} more shapes or bars than "
+        f"training scenes); {x.n_stress} hard-level problems (stress); all splits disjoint"
+    ]
+
+
+def gate_lines(runs_dir: Path) -> list[str]:
+    path = runs_dir / "start_gate.json"
+    if not path.exists():
+        return []
+    gate = json.loads(path.read_text())
+    accuracy = ", ".join(f"seed {s}: {a:.3f}" for s, a in gate["start_accuracy"].items() if a is not None)
+    floor = gate["min_accuracy"]
+    dropped = gate["dropped"]
+    return [
+        "",
+        f"Start models (greedy in-distribution test accuracy after the warm start): {accuracy}. "
+        + (f"Gate: >= {floor}; " if floor is not None else "No gate; ")
+        + (
+            f"**dropped seed(s) {dropped}** (below the gate, no arm run on them)."
+            if dropped
+            else "no seed dropped."
+        ),
+    ]
+
+
 def results_table(runs: dict, arms: dict, order: list[str]) -> list[str]:
     lines = [
         "| arm | seeds | accuracy | grounding | format rate | facts stated / response |",
@@ -320,8 +424,15 @@ def write_report(
         "arms": {
             n: {k: [r["final"].get(k) for (a, _), r in sorted(runs.items()) if a == n] for k, _ in METRICS}
             | {"seeds": [s for (a, s) in sorted(runs) if a == n]}
+            | {
+                f"{split}{'/sampled' if smp else ''}/{key}": [
+                    value(r, split, key, smp) for (a, _), r in sorted(runs.items()) if a == n
+                ]
+                for _, split, key, smp in split_columns(runs)
+            }
             for n in order
         },
+        "start_gate": json.loads(g.read_text()) if (g := runs_dir / "start_gate.json").exists() else None,
     }
     (results / "reproduction.json").write_text(json.dumps(summary, indent=1) + "\n")
     r = recipe.repro
@@ -353,12 +464,14 @@ def write_report(
     ]
     warm_text = ", ".join(warm_times) or "none"
     commands = list(dict.fromkeys(i["command"] for i in invocations)) or ["(no training invocation recorded)"]
+    reading = CONFIGS / f"{recipe.path.stem}_reading.md"
+    reading = READING if recipe.path.stem == "repro-tiny-cpu" else reading
     status = "complete" if not missing else f"PARTIAL: {len(expected) - len(missing)} of {len(expected)} runs"
     out = [
         f"# Reproduction: TGRL vs baselines and ablations ({status})",
         "",
         "Generated by `benchmarks/reproduce.py` (do not edit by hand; the reading comes from "
-        "`benchmarks/configs/reproduction_reading.md`).",
+        f"`{_shown(reading)}`).",
         "",
         "## Command, machine, wall time",
         "",
@@ -389,6 +502,7 @@ def write_report(
         f"- data: synthetic benchmark, {d.n_train} train problems, {d.n_test} held-out test problems (unseen "
         f"images), difficulties {d.difficulties}, families {d.families or 'all four'}, "
         f"{d.image_size} px images",
+        *split_protocol(recipe.repro.splits, d.n_train),
         f"- experts: the oracle with fault_rate {recipe.pipeline.generate.fault_rate} "
         f"({recipe.pipeline.generate.samples_per_problem} per problem) = *raw*; the recipe's "
         f"{len(recipe.pipeline.filter.filters)} filters applied to them = *filtered*",
@@ -398,7 +512,7 @@ def write_report(
         f"- budget: {r.steps} optimizer updates per trained arm (one update per step: minibatch = whole "
         "batch); "
         f"{t.problems_per_step} problems per update; RL arms sample G={t.group_size} at temperature "
-        f"{t.temperature}, max {t.max_new_tokens} new tokens; {sft_text}; lr {t.lr}, "
+        f"{t.sampling.temperature}, max {t.sampling.max_new_tokens} new tokens; {sft_text}; lr {t.lr}, "
         f"{t.loss.aggregation} loss, clip {t.loss.clip}, shaping gamma "
         f"{t.loss.shaping_gamma}, reward = correct + {t.format_reward} x format; token weights (arms that "
         f"keep them) {t.weighting.kind} on {t.weighting.apply_to} tokens, {t.weighting.normalise}-"
@@ -422,6 +536,19 @@ def write_report(
         out.append(f"| {a.title} (`{n}`) | {stages} | {a.switches} |")
     out += ["", "## Results (held-out test split, final model)", "", "mean ± sample std over seeds.", ""]
     out += results_table(runs, arms, order)
+    if any("splits" in r["final"] for r in runs.values()):
+        ood = recipe.repro.splits.ood_color
+        out += ["", "### In distribution, out of distribution, stress (final model)", "",
+                f"ID = the test split (same question types as training); OOD = questions naming a colour no "
+                f"training question names ({ood}) and scenes with more shapes than training scenes; stress "
+                "= the hard level. Grounding = true / stated facts; evidence use = answers that follow from "
+                "the response's own stated facts (over the responses that state enough). avg@k: k samples "
+                "at the training temperature. mean ± sample std.", ""]  # fmt: skip
+        out += split_table(runs, arms, order)
+        out += gate_lines(runs_dir)
+        out += ["", "#### Raw per-seed numbers", ""] + split_per_seed(runs, arms, order)
+        out += ["", f"#### {arms[REFERENCE].title} minus each arm, paired by seed (mean, wins/seeds)", ""]
+        out += paired(runs, arms, order, REFERENCE) if REFERENCE in order else ["(TGRL full not in the arms)"]
     if chance:
         out += [
             "",
@@ -462,7 +589,7 @@ def write_report(
         f"`{runs_dir.name}/` (final metrics, held-out curve, the trainer's per-step metrics).",
     ]
     out += ["", "## Reading", ""]
-    out += [READING.read_text().strip()] if READING.exists() else ["(no reading written yet)"]
+    out += [reading.read_text().strip()] if reading.exists() else ["(no reading written yet)"]
     path = results / "reproduction.md"
     path.write_text("\n".join(out) + "\n")
     return path

@@ -165,6 +165,11 @@ class GenerateConfig(StepConfig):
         default_factory=lambda: ["wrong_fact", "wrong_arithmetic", "bad_format", "repetition"],
         description="Oracle only: fault kinds to inject.",
     )
+    oracle_phrasing: Literal["fixed", "varied"] = Field(
+        "fixed",
+        description="Oracle only: one fixed phrasing, or wording, fact order and reasoning phrasing drawn "
+        "per sample (seeded), so several distinct experts per problem exist.",
+    )
 
 
 # ------------------------------------------------------------------------------------------- filter
@@ -210,6 +215,24 @@ class LossConfig(StepConfig):
     kl_coef: float = Field(0.0, ge=0.0, description="k3 KL to the frozen reference; 0 disables it.")
     entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
     constant_length: int | None = Field(None, ge=1, description="Dr.GRPO normaliser; None = max_new_tokens.")
+    expert_sft_coef: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="CHORD mu: loss = (1 - mu) * RL loss + mu * NLL of the injected experts; None = off.",
+    )
+    expert_sft_coef_end: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="mu at the last step (decayed from expert_sft_coef); None = constant.",
+    )
+    expert_sft_decay: Literal["linear", "cosine"] = Field(
+        "cosine", description="How mu goes from expert_sft_coef to expert_sft_coef_end over train.steps."
+    )
+    expert_sft_token_weight: Literal["none", "p(1-p)"] = Field(
+        "none", description="Per-token weight of the expert NLL: none, or CHORD's sg(p (1 - p))."
+    )
 
 
 class WeightingConfig(StepConfig):
@@ -225,11 +248,21 @@ class WeightingConfig(StepConfig):
     w_min: float = Field(0.5, ge=0.0, description="Lower clip of the normalised weights.")
     w_max: float = Field(2.0, gt=0.0, description="Upper clip of the normalised weights.")
     alpha: float = Field(1.0, ge=0.0, le=1.0, description="0 = uniform, 1 = full reweighting.")
-    normalise: Literal["mean", "rank"] = Field(
+    normalise: Literal["mean", "rank", "top_k"] = Field(
         "mean",
         description="How scores become weights: mean (divide by the mean, then clip to [w_min, w_max]) or "
         "rank (by quantile, symmetric around 1, never clipped; robust to heavy-tailed scores, where mean "
-        "put ~93% of expert tokens at w_min on the tiny recipe).",
+        "put ~93% of expert tokens at w_min on the tiny recipe), or top_k (VPPO: weight 1 on the top_k share "
+        "of tokens by score, 0 on the rest).",
+    )
+
+    top_k: float = Field(
+        0.2, gt=0.0, le=1.0, description="normalise top_k: share of the selected tokens kept (weight 1)."
+    )
+    blank_fill: Literal["black", "background"] | tuple[int, int, int] = Field(
+        "black",
+        description="The visual-dependency counterfactual: black, each image's background (its most common "
+        "colour), or an RGB fill.",
     )
 
     @model_validator(mode="after")
@@ -243,6 +276,9 @@ class MixingConfig(StepConfig):
     n_expert: int = Field(1, ge=0, description="On-policy slots per group replaced by expert trajectories.")
     inject_below: float = Field(
         1.0, ge=0.0, le=1.0, description="Inject when the group's on-policy accuracy is below this."
+    )
+    inject_rule: Literal["below", "all_wrong"] = Field(
+        "below", description="below: accuracy < inject_below; all_wrong: only groups with no correct rollout."
     )
 
 
@@ -300,6 +336,11 @@ class TrainConfig(StepConfig):
     keep_checkpoints: int = Field(2, ge=1, strict=True, description="Newest checkpoints kept.")
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest checkpoint.")
     format_reward: float = Field(0.1, ge=0.0, description="Reward added for a well-formed response.")
+    fact_reward: float = Field(
+        0.0,
+        ge=0.0,
+        description="Beyond the paper: reward added times the share of true stated facts (needs facts).",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -192,3 +192,63 @@ def test_an_empty_split_is_written_but_validate_refuses_it(tmp_path):
     assert manifests["test"].count == 0 and load_dataset(tmp_path / "test").records == []
     [problem] = validate_dataset(tmp_path / "test")
     assert "no records" in problem and validate_dataset(tmp_path / "train") == []
+
+
+# ------------------------------------------------------------------- warm / rl / test / ood / stress
+@pytest.fixture(scope="module")
+def v4_splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("v4")
+    kwargs = {"difficulties": ["easy"], "n_warm": 120, "n_ood": 80, "n_stress": 40, "ood_color": "yellow"}
+    manifests = synthesize_splits(root / "a", 240, 60, 5, **kwargs)
+    again = synthesize_splits(root / "b", 240, 60, 5, **kwargs)
+    loaded = {name: load_dataset(root / "a" / name, "problems", strict=True) for name in manifests}
+    return root, manifests, again, loaded
+
+
+def test_v4_splits_are_disjoint_and_deterministic(v4_splits):
+    root, manifests, again, loaded = v4_splits
+    assert {k: m.count for k, m in manifests.items()} == {"warm": 120, "rl": 120, "test": 60, "ood": 80,
+                                                          "stress": 40}  # fmt: skip
+    assert not (root / "a" / "train").exists()  # the train problems are warm + rl
+    scenes = {name: {scene_key(p.facts) for p in ds.records} for name, ds in loaded.items()}
+    names = list(scenes)
+    for i, a in enumerate(names):
+        assert len(scenes[a]) == len(loaded[a].records)  # one image per problem
+        for b in names[i + 1 :]:
+            assert not scenes[a] & scenes[b], (a, b)  # no image shared between any two splits
+    for name in names:  # same seed, byte-identical
+        assert manifests[name].files == again[name].files
+
+
+def test_ood_split_asks_what_training_never_asks(v4_splits):
+    from tgrl_lib.data.synthetic import queried_colors
+
+    _, _, _, loaded = v4_splits
+
+    def size(p):
+        return len(p.facts["objects"]) or len(p.facts["bars"])
+
+    train = [p for name in ("warm", "rl", "test", "stress") for p in loaded[name].records]
+    assert all("yellow" not in queried_colors(p.meta["task"]) for p in train)
+    assert any("yellow" in [o["color"] for o in p.facts["objects"]] for p in train)  # seen, never asked
+    most = {}
+    for p in loaded["warm"].records + loaded["rl"].records:
+        most[p.meta["family"]] = max(most.get(p.meta["family"], 0), size(p))
+    ood = loaded["ood"].records
+    assert {p.meta["family"] for p in ood} == set(FAMILIES)
+    for p in ood:
+        named = queried_colors(p.meta["task"])
+        assert not named or "yellow" in named, p.question
+        assert size(p) > most[p.meta["family"]], p.question  # more shapes than any training scene
+        assert p.answer == _expected(p.meta["task"], p.facts)  # answers still follow from the facts
+    assert sum("yellow" in p.question for p in ood) >= len(ood) // 3
+    assert {p.meta["difficulty"] for p in loaded["stress"].records} == {"hard"}
+
+
+def test_split_arguments_are_checked(tmp_path):
+    with pytest.raises(TgrlError, match="ood colour"):
+        synthesize_splits(tmp_path / "a", 10, 2, 0, n_ood=2, ood_color="purple")
+    with pytest.raises(TgrlError, match="ood split needs"):
+        synthesize_splits(tmp_path / "b", 10, 2, 0, n_ood=2)
+    with pytest.raises(TgrlError, match="n_warm"):
+        synthesize_splits(tmp_path / "c", 10, 2, 0, n_warm=10)

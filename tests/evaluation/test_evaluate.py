@@ -230,7 +230,8 @@ def test_tiny_model_report_files_and_groups(synthetic, hand_built, tiny_model_di
     families = {"bar_chart", "count_color_arith", "largest_attribute", "spatial"}
     assert set(result["groups"]) == families and all(g["count"] == 2 for g in result["groups"].values())
     assert set(result["overall"]) == {
-        "count", "accuracy", "pass@1", "format_rate", "length_mean", "grounding", "facts_stated_mean"
+        "count", "accuracy", "pass@1", "format_rate", "length_mean", "grounding", "facts_stated_mean",
+        "evidence_use", "evidence_derivable",
     }  # fmt: skip
     assert 0 < result["overall"]["length_mean"] <= 12  # token counts, capped by max_new_tokens
     assert result["overall"]["accuracy"] == result["overall"]["pass@1"]  # greedy, k = 1
@@ -333,7 +334,7 @@ def sft_overfit(model_dir: Path, problems_dir: Path, out: Path) -> Path:
     write_dataset(out / "experts", "trajectories", experts)
     config = TrainConfig.model_validate({
         "algorithm": "sft", "model": str(model_dir), "output_dir": str(out / "run"), "lr": 3e-3,
-        "steps": 60, "problems_per_step": len(problems), "max_new_tokens": 48,
+        "steps": 60, "problems_per_step": len(problems), "sampling": {"max_new_tokens": 48},
         "weighting": {"kind": "none"}, "checkpoint_every": 1000,
     })  # fmt: skip
     return Path(train(config, problems_dir=problems_dir, experts_dir=out / "experts").final_dir)

@@ -76,3 +76,65 @@ def test_summary_groups_and_reports(tmp_path):
 def test_no_grounding_metric_without_facts():
     metrics = aggregate([_scores()[2]], k=2)
     assert "grounding" not in metrics and metrics["accuracy"] == 1.0
+
+
+def test_evidence_use_per_family_hand_computed():
+    count = ProblemScore(
+        "a",
+        "count",
+        [
+            SampleScore(True, True, 5, 1, 1, evidence=True),
+            SampleScore(True, True, 5, 1, 0, evidence=False),
+            SampleScore(False, True, 5, 0, 0, evidence=None),
+        ],
+        has_facts=True,
+        has_task=True,
+    )
+    chart = ProblemScore("b", "chart", [SampleScore(False, True, 5, 2, 0, evidence=True)], True, True)
+    untasked = ProblemScore("c", "chart", [SampleScore(True, True, 5, 1, 1)], has_facts=True)  # imported
+    summary = summarize([count, chart], k=1)
+    assert "evidence_use" not in aggregate([untasked], k=1)  # facts but no task: not judged
+    assert summary["groups"]["count"]["evidence_use"] == pytest.approx(1 / 2)  # not derivable: not counted
+    assert summary["groups"]["count"]["evidence_derivable"] == pytest.approx(2 / 3)
+    assert summary["groups"]["chart"]["evidence_use"] == 1.0  # wrong facts, wrong answer, but faithful
+    assert summary["overall"]["evidence_use"] == pytest.approx(2 / 3)
+    assert "evidence_use" in markdown_table({"s": summary})
+
+
+def test_score_problem_reads_evidence_use():
+    from tgrl_lib.data.schema import Problem
+    from tgrl_lib.evaluation.run import score_problem
+
+    facts = {
+        "kind": "shapes",
+        "width": 56,
+        "height": 56,
+        "bars": [],
+        "objects": [
+            {
+                "shape": "circle",
+                "color": "red",
+                "size": "small",
+                "px": 10,
+                "bbox": [0, 0, 10, 10],
+                "center": [5, 5],
+            }
+        ],
+    }
+    p = Problem(
+        id="p",
+        image="i.png",
+        question="q",
+        answer="1",
+        answer_type="integer",
+        facts=facts,
+        meta={"family": "count_color_arith", "task": {"op": "count_color", "color": "red"}},
+    )
+    texts = [
+        "<think>Red shapes: 1.</think><answer>1</answer>",
+        "<think>Red shapes: 2.</think><answer>1</answer>",
+        "<answer>1</answer>",
+    ]
+    score = score_problem(p, texts)
+    assert [s.evidence for s in score.samples] == [True, False, None]
+    assert [s.correct for s in score.samples] == [True, True, True]

@@ -133,3 +133,69 @@ def test_problem_without_facts_gets_an_answer_only_trajectory():
     assert well_formed(text) and verify(text, problem) and meta["fault"] is None
     wrong = oracle_response(problem, random.Random(0), "wrong_arithmetic")
     assert not verify(wrong, problem)
+
+
+# ----------------------------------------------------------------------------------- varied phrasing
+def test_varied_phrasings_verify_are_grounded_and_use_their_evidence(problems):
+    from tgrl_lib.scoring.evidence import evidence_use
+
+    rows = OracleExpert(phrasing="varied", seed=2).generate(problems, samples=4)
+    for problem, row in zip(problems, rows, strict=True):
+        for text in row:
+            assert well_formed(text) and verify(text, problem), text
+            result = check_claims(extract_claims(text), problem.facts)
+            assert result.stated >= 1 and result.false == 0 and result.unknown == 0, (
+                text
+            )  # every phrasing read
+            assert evidence_use(text, problem).follows is True, text
+            assert len(text.split()) <= 45, text
+    openings = {t.split(">", 1)[1].split(" ", 2)[:2][0] for row in rows for t in row}
+    assert len(openings) >= 5  # evidence sentences in several orders and wordings
+
+
+def test_varied_wrong_fact_is_still_caught(problems):
+    expert = OracleExpert(phrasing="varied", fault_rate=1.0, fault_kinds=["wrong_fact"], seed=1)
+    for problem, row in zip(problems, expert.generate(problems, samples=2), strict=True):
+        for text in row:
+            assert verify(text, problem) and check_claims(extract_claims(text), problem.facts).false >= 1, (
+                text
+            )
+
+
+def test_fixed_phrasing_is_the_default_and_unchanged(problems):
+    fixed = OracleExpert(seed=2).generate(problems[:20], samples=3)
+    assert all(len(set(row)) == 1 for row in fixed)  # no faults: K identical texts, as before
+    assert fixed[0][0] == oracle_response(problems[0])
+    with pytest.raises(TgrlError, match="phrasing"):
+        OracleExpert(phrasing="poetic")
+
+
+def test_diverse_experts_survive_the_real_filters(tmp_path):
+    """>= 2 distinct filtered experts per problem on average through the recipe's filters (duplicates
+    included), so n_expert 2-4 has something to inject; the duplicates filter still removes true repeats."""
+    from tgrl_lib.config import FilterConfig, GenerateConfig
+    from tgrl_lib.filters.run import run_filters
+    from tgrl_lib.generation.run import generate_trajectories
+
+    synthesize(tmp_path / "p", n=60, seed=4, difficulties=["easy"])
+    filters = [{"name": n} for n in ("parse", "verified", "format", "special_tokens", "repetition")]
+    filters += [{"name": "grounding", "params": {"min_precision": 1.0}},
+                {"name": "duplicates", "params": {"threshold": 0.9, "ngram": 3}}]  # fmt: skip
+    config = FilterConfig(filters=filters)
+    kept = {}
+    for phrasing in ("varied", "fixed"):
+        gen = GenerateConfig(samples_per_problem=4, fault_rate=0.3, oracle_phrasing=phrasing, seed=0)
+        generate_trajectories(tmp_path / "p", tmp_path / f"raw-{phrasing}", gen)
+        report = run_filters(tmp_path / f"raw-{phrasing}", tmp_path / f"ok-{phrasing}",
+                             tmp_path / f"no-{phrasing}", config)  # fmt: skip
+        assert report.input == report.kept + report.rejected  # counts reconcile
+        records = load_dataset(tmp_path / f"ok-{phrasing}", "trajectories").records
+        per_problem: dict[str, set[str]] = {}
+        for t in records:
+            per_problem.setdefault(t.problem_id, set()).add(t.text)
+        assert all(
+            len(texts) == sum(r.problem_id == pid for r in records) for pid, texts in per_problem.items()
+        )
+        kept[phrasing] = sum(len(v) for v in per_problem.values()) / 60
+    assert kept["varied"] >= 2.0, kept
+    assert kept["fixed"] <= 1.05, kept  # the fixed oracle's clean samples are repeats: one survives

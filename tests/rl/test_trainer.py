@@ -64,3 +64,29 @@ def test_train_refuses_tgrl_without_experts(tiny_model_dir, tmp_path):
     config = TrainConfig(algorithm="tgrl", model=str(tiny_model_dir), output_dir=str(tmp_path / "o"))
     with pytest.raises(TgrlError, match="needs expert trajectories"):
         train(config, problems_dir=tmp_path)
+
+
+def test_train_with_every_lever_on_wires_them_in(tiny_model_dir, tmp_path):
+    """CHORD mu (decayed), ReLIFT all-wrong injection, VPPO top-k on policy tokens with a background-filled
+    counterfactual, and the fact-level reward, through a real two-step run."""
+    from tgrl_lib.rl.trainer import train
+
+    problems, experts = _datasets(tmp_path)
+    config = TrainConfig(
+        algorithm="tgrl", model=str(tiny_model_dir), output_dir=str(tmp_path / "levers"), steps=2,
+        problems_per_step=2, group_size=3, minibatch_size=6, micro_batch_size=2,
+        sampling={"max_new_tokens": 12}, in_loop_filter={"max_tokens": 64}, checkpoint_every=2,
+        loss={"expert_sft_coef": 0.5, "expert_sft_coef_end": 0.1, "expert_sft_decay": "linear",
+              "expert_sft_token_weight": "p(1-p)"},
+        mixing={"inject_rule": "all_wrong"},
+        weighting={"kind": "visual_dependency", "apply_to": "policy", "normalise": "top_k", "top_k": 0.5,
+                   "blank_fill": "background"},
+        fact_reward=0.5,
+    )  # fmt: skip
+    train(config, problems_dir=problems, experts_dir=experts)
+    rows = [json.loads(line) for line in (tmp_path / "levers" / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[1], rows[2]
+    assert first["expert/injected"] == 2 and last["expert/injected"] == 2  # untrained: every group all wrong
+    assert first["expert/sft_coef"] == pytest.approx(0.5) and last["expert/sft_coef"] == pytest.approx(0.1)
+    assert 0.0 < last["expert/sft_phi_mean"] <= 0.25 and last["loss/sft"] > 0.0
+    assert last["weights/min"] in (0.0, 1.0) and last["weights/max"] == 1.0  # a 0/1 mask on policy tokens

@@ -7,7 +7,8 @@
 - `image_problem`: what `schema.load_dataset` asks of each distinct image once per load: inside the
   dataset, a regular file, the bytes the manifest hashed (an image swapped after the manifest was written
   is refused), a header within the caps; the file is read once, hashed and checked from the same bytes.
-- `blank_images`: uniform images of the same sizes, for the visual-dependency forward.
+- `blank_images`: uniform images of the same sizes (black, an RGB fill, or each image's background colour),
+  for the visual-dependency forward.
 """
 
 from __future__ import annotations
@@ -35,15 +36,37 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------------------- images
-def blank_images(images: Sequence[Image.Image], fill: int = 0) -> list[Image.Image]:
-    """Uniform images (black by default, as VPPO blackens patches) of the same sizes, so a blanked
-    forward has exactly the same image-token layout as the real one. Images of one size share one blank
-    image object (collation then processes it once per prompt); treat them as read-only."""
-    blanks: dict[tuple[int, int], Image.Image] = {}
+def background_color(image: Image.Image) -> tuple[int, int, int]:
+    """The image's most common RGB colour (a scene's background)."""
+    rgb = image.convert("RGB")
+    colors = rgb.getcolors(maxcolors=rgb.width * rgb.height)  # [(count, (r, g, b)), ...]
+    return max(colors, key=lambda item: item[0])[1]
+
+
+def blank_images(
+    images: Sequence[Image.Image], fill: int | tuple[int, int, int] | str = 0
+) -> list[Image.Image]:
+    """Uniform images of the same sizes, so a blanked forward has exactly the same image-token layout as
+    the real one. `fill`: a grey level (default 0, black, as VPPO blackens patches), an RGB triple,
+    "black", or "background" (each image's most common colour: the synthetic scenes' white, so the
+    counterfactual stays in distribution). Images of one size and fill share one blank image object
+    (collation then processes it once per prompt); treat them as read-only."""
+    blanks: dict[tuple, Image.Image] = {}
+    out = []
     for image in images:
-        if image.size not in blanks:
-            blanks[image.size] = Image.new("RGB", image.size, (fill, fill, fill))
-    return [blanks[image.size] for image in images]
+        if fill == "background":
+            color = background_color(image)
+        elif fill == "black":
+            color = (0, 0, 0)
+        elif isinstance(fill, int):
+            color = (fill, fill, fill)
+        else:
+            color = tuple(fill)
+        key = (image.size, color)
+        if key not in blanks:
+            blanks[key] = Image.new("RGB", image.size, color)
+        out.append(blanks[key])
+    return out
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

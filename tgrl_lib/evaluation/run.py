@@ -10,6 +10,9 @@ benchmark and per task family (`meta["family"]`, or `meta["category"]` for impor
 - `length_mean`: mean response length in tokens (policy tokenizer; words when no token ids are known).
 - `grounding`: for problems with `facts`, true stated facts / all stated facts, pooled over responses;
   `facts_stated_mean`: stated facts per response (a model that states nothing is not "grounded").
+- `evidence_use`: for synthetic problems (facts and a task), the share of responses whose answer follows
+  from the facts they themselves state (`tgrl_lib.scoring.evidence`), over the responses that state enough
+  to apply the task's rule; `evidence_derivable`: that share of the responses (ours, not the anchors').
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class SampleScore:
     length: int
     stated: int = 0
     true_facts: int = 0
+    evidence: bool | None = None  # answer follows from the stated facts; None: not derivable / no task
     text: str = ""  # the response, kept in samples_<benchmark>.jsonl
 
 
@@ -41,6 +45,7 @@ class ProblemScore:
     group: str
     samples: list[SampleScore] = field(default_factory=list)
     has_facts: bool = False
+    has_task: bool = False  # a machine-readable task (synthetic): evidence use can be judged
 
 
 def problem_group(problem: Problem) -> str:
@@ -49,10 +54,13 @@ def problem_group(problem: Problem) -> str:
 
 def score_problem(problem: Problem, texts: list[str], lengths: list[int] | None = None) -> ProblemScore:
     """Score the k responses to one problem."""
+    from tgrl_lib.scoring.evidence import evidence_use
     from tgrl_lib.scoring.grounding import check_claims, extract_claims
     from tgrl_lib.scoring.rewards import has_valid_format, verify
 
-    score = ProblemScore(problem.id, problem_group(problem), has_facts=bool(problem.facts))
+    task = (problem.meta or {}).get("task")
+    has_task = bool(problem.facts) and isinstance(task, dict) and "op" in task
+    score = ProblemScore(problem.id, problem_group(problem), has_facts=bool(problem.facts), has_task=has_task)
     for i, text in enumerate(texts):
         length = lengths[i] if lengths is not None else len(text.split())
         sample = SampleScore(
@@ -61,6 +69,7 @@ def score_problem(problem: Problem, texts: list[str], lengths: list[int] | None 
         if problem.facts:
             result = check_claims(extract_claims(text), problem.facts)
             sample.stated, sample.true_facts = result.stated, result.true
+            sample.evidence = evidence_use(text, problem).follows if has_task else None
         score.samples.append(sample)
     return score
 
@@ -90,6 +99,11 @@ def aggregate(scores: list[ProblemScore], k: int) -> dict[str, float]:
     if grounded:
         metrics["grounding"] = sum(s.true_facts for s in grounded) / stated if stated else 0.0
         metrics["facts_stated_mean"] = stated / len(grounded)
+    tasked = [s for p in scores if p.has_task for s in p.samples]
+    if tasked:  # problems with facts and a machine-readable task (synthetic)
+        derivable = [s.evidence for s in tasked if s.evidence is not None]
+        metrics["evidence_use"] = sum(derivable) / len(derivable) if derivable else 0.0
+        metrics["evidence_derivable"] = len(derivable) / len(tasked)
     return metrics
 
 
@@ -106,11 +120,15 @@ def summarize(scores: list[ProblemScore], k: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ reports
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    """One row per benchmark and per family; columns are the metrics present."""
+    """One row per benchmark and per family; columns are the metrics present (evidence use only where
+    some benchmark has synthetic tasks)."""
+    evidence = [
+        m for m in ("evidence_use", "evidence_derivable") if any(m in r["overall"] for r in results.values())
+    ]
     columns = (
         ["count", "accuracy"]
         + sorted({m for r in results.values() for m in r["overall"] if m.startswith("pass@")})
-        + ["format_rate", "length_mean", "grounding", "facts_stated_mean"]
+        + ["format_rate", "length_mean", "grounding", "facts_stated_mean", *evidence]
     )
     lines = ["| benchmark | group | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for bench, result in results.items():

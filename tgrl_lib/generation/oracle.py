@@ -17,6 +17,14 @@ Faults, injected at `fault_rate` so that trajectory filters have real work (reco
 - `bad_format`: missing or broken `<think>` / `<answer>` tags.
 - `repetition`: the first sentence repeated a dozen times (degenerate generation).
 
+Phrasing (`phrasing="varied"`, `GenerateConfig.oracle_phrasing`): each sample draws its own wording (four
+inventory openings, totals as "Red shapes: 2" or "That makes 2 red shapes", three bar listings, a relation
+stated either way round, an order left-to-right or right-to-left, two extreme phrasings), a shuffled order of
+its evidence sentences, inventory items and bars, and a connector before the reasoning step ("So", "Then",
+"Hence"), all from the sample's seeded RNG, so K samples of one problem give several distinct experts that
+the duplicates filter keeps apart, while true repeats stay identical. Default "fixed": the one phrasing
+above (what earlier tables were made with).
+
 Problems without facts or task (imported benchmarks) get a minimal answer-only trajectory; `wrong_fact` does
 not apply to them and is recorded as no fault.
 """
@@ -38,6 +46,7 @@ SHAPE_ORDER = ("circle", "square", "triangle")
 SIZE_ORDER = ("large", "medium", "small")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 REPEATS = 12
+PHRASINGS = ("fixed", "varied")
 
 
 @dataclass
@@ -191,21 +200,95 @@ def reason(problem: Problem) -> Reasoning | None:
 
 
 # ---------------------------------------------------------------------------------------- rendering
-def _sentence(item: list[Any]) -> str:
+@dataclass(frozen=True)
+class Style:
+    """How one sample is worded: each field indexes a phrasing below (0 everywhere = the fixed phrasing).
+
+    `shuffle` also reorders the evidence sentences, the shapes of an inventory and the bars of a listing;
+    every phrasing is one that `tgrl_lib.scoring.grounding` reads (a test holds them to that)."""
+
+    see: int = 0
+    total: int = 0
+    bars: int = 0
+    relation: int = 0
+    order: int = 0
+    extreme: int = 0
+    connector: int = 0
+    shuffle: bool = False
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> Style:
+        see, total, bars, relation, order, extreme = (rng.randrange(k) for k in (len(SEE), 2, 3, 3, 3, 2))
+        return cls(see, total, bars, relation, order, extreme, rng.randrange(len(CONNECTORS)), shuffle=True)
+
+
+FIXED = Style()
+SEE = ("I see {}.", "There are {}.", "The image shows {}.", "In the picture: {}.")
+CONNECTORS = ("", "So ", "Then ", "Hence ")
+
+
+def _plural(n: int, words: str) -> str:
+    return f"{n} {words}{'s' if n != 1 else ''}"
+
+
+def _listing(parts: list[str], style: Style) -> str:
+    if style.see % 2 and len(parts) > 1:  # "a, b and c"
+        return ", ".join(parts[:-1]) + " and " + parts[-1]
+    return ", ".join(parts)
+
+
+def _sentence(item: list[Any], style: Style = FIXED) -> str:
     kind = item[0]
     if kind == "see":
-        return "I see " + ", ".join(f"{n} {w}{'s' if n != 1 else ''}" for n, w in item[1]) + "."
+        return SEE[style.see].format(_listing([_plural(n, w) for n, w in item[1]], style))
     if kind == "total":
+        if style.total:
+            noun = f"{item[1]} shape" if item[1] else "shape"
+            return f"That makes {_plural(item[2], noun)}."
         return f"{item[1].capitalize()} shapes: {item[2]}." if item[1] else f"Shapes: {item[2]}."
     if kind == "bars":
+        if style.bars == 1:
+            return "Bar values: " + ", ".join(f"{c} = {v}" for c, v in item[1]) + "."
+        if style.bars == 2:
+            listing = ", ".join(f"the {c} bar is {v}" for c, v in item[1])
+            return listing[0].upper() + listing[1:] + "."
         return "The bars are: " + ", ".join(f"{c}={v}" for c, v in item[1]) + "."
     if kind == "relation":
-        return f"The {item[1]} is {item[2]} the {item[3]}."
+        _, a, relation, b = item
+        if style.relation == 1:
+            return f"The {b} is {OPPOSITE[relation]} the {a}."  # the same fact, the other way round
+        if style.relation == 2 and relation in ("left of", "right of"):
+            return f"The {a} is to the {relation} the {b}."
+        return f"The {a} is {relation} the {b}."
     if kind == "order":
-        return "From left to right: " + ", ".join(item[1]) + "."
+        if style.order == 1:
+            return "From right to left: " + ", ".join(item[1][::-1]) + "."
+        return (
+            ("Ordered from" if style.order == 2 else "From") + " left to right: " + ", ".join(item[1]) + "."
+        )
     if kind == "extreme":
+        if style.extreme:
+            return f"The {item[1]} object is the {item[2]}."
         return f"The {item[1]} shape is a {item[2]}."
-    return f"The {item[1]} bar is {item[2]}."  # bar_extreme
+    if style.extreme:  # bar_extreme
+        return f"The {item[1]} bar is the {item[2]} bar."
+    return f"The {item[1]} bar is {item[2]}."
+
+
+def _shuffled(item: list[Any], rng: random.Random) -> list[Any]:
+    """An inventory or bar listing in another order (the facts are unchanged)."""
+    if item[0] in ("see", "bars"):
+        parts = list(item[1])
+        rng.shuffle(parts)
+        return [item[0], parts]
+    return item
+
+
+def _step(text: str, style: Style) -> str:
+    connector = CONNECTORS[style.connector]
+    if not connector:
+        return text
+    return connector + (text[0].lower() + text[1:] if text[:1].isalpha() else text)
 
 
 def _corrupt(item: list[Any], rng: random.Random) -> list[Any]:
@@ -246,13 +329,17 @@ def _wrong_answer(reasoning: Reasoning, rng: random.Random) -> str:
     return rng.choice(options)
 
 
-def _render(reasoning: Reasoning, rng: random.Random, fault: str | None) -> str:
+def _render(reasoning: Reasoning, rng: random.Random, fault: str | None, style: Style = FIXED) -> str:
     evidence = list(reasoning.evidence)
+    if style.shuffle:
+        evidence = [_shuffled(item, rng) for item in evidence]
+        rng.shuffle(evidence)
     if fault == "wrong_fact":
         pick = rng.randrange(len(evidence))
         evidence[pick] = _corrupt(evidence[pick], rng)
     answer = _wrong_answer(reasoning, rng) if fault == "wrong_arithmetic" else reasoning.answer
-    sentences = [_sentence(item) for item in evidence] + [s.format(result=answer) for s in reasoning.steps]
+    sentences = [_sentence(item, style) for item in evidence]
+    sentences += [_step(s.format(result=answer), style) for s in reasoning.steps]
     body = " ".join(sentences)
     if fault == "repetition":
         body = " ".join([sentences[0]] * REPEATS)
@@ -262,20 +349,16 @@ def _render(reasoning: Reasoning, rng: random.Random, fault: str | None) -> str:
 
 
 def _bad_format(body: str, answer: str, rng: random.Random) -> str:
-    return rng.choice(
-        [
-            f"<think>{body}</think>{answer}",  # no answer tags
-            f"<think>{body}<answer>{answer}</answer>",  # think never closed
-            f"<answer>{answer}</answer><think>{body}</think>",  # answer first
-            f"{body} <answer>{answer}</answer>",  # no think tags
-        ]
-    )
+    """No answer tags, think never closed, answer first, or no think tags."""
+    a, b = f"<think>{body}</think>", f"<answer>{answer}</answer>"
+    return rng.choice([a + answer, f"<think>{body}{b}", b + a, f"{body} {b}"])
 
 
 def respond(
-    problem: Problem, rng: random.Random | None = None, fault: str | None = None
+    problem: Problem, rng: random.Random | None = None, fault: str | None = None, varied: bool = False
 ) -> tuple[str, str | None]:
-    """`(text, fault actually injected)`; see `oracle_response`."""
+    """`(text, fault actually injected)`; see `oracle_response`. `varied` draws the wording, fact order and
+    reasoning phrasing from `rng` (`Style.draw`); otherwise the fixed phrasing is written."""
     if fault is not None and fault not in FAULT_KINDS:
         raise TgrlError(f"unknown oracle fault {fault!r}", hint=f"choose from {', '.join(FAULT_KINDS)}")
     rng = rng or random.Random(0)
@@ -288,7 +371,8 @@ def respond(
                               choices=problem.choices if mc else None)  # fmt: skip
         if fault == "wrong_arithmetic" and not mc:
             return f"<think>{reasoning.steps[0]}</think><answer>{problem.answer} + 1</answer>", fault
-    return _render(reasoning, rng, fault), fault
+    style = Style.draw(rng) if varied else FIXED
+    return _render(reasoning, rng, fault, style), fault
 
 
 def oracle_response(problem: Problem, rng: random.Random | None = None, fault: str | None = None) -> str:
@@ -307,7 +391,11 @@ class OracleExpert:
     name = "oracle"
 
     def __init__(
-        self, fault_rate: float = 0.0, fault_kinds: tuple[str, ...] | list[str] = FAULT_KINDS, seed: int = 0
+        self,
+        fault_rate: float = 0.0,
+        fault_kinds: tuple[str, ...] | list[str] = FAULT_KINDS,
+        seed: int = 0,
+        phrasing: str = "fixed",
     ):
         if not 0.0 <= fault_rate <= 1.0:
             raise TgrlError(f"oracle fault_rate must be in [0, 1], got {fault_rate}")
@@ -316,14 +404,24 @@ class OracleExpert:
             raise TgrlError(
                 f"unknown or no oracle fault kinds {unknown}", hint=f"choose from {', '.join(FAULT_KINDS)}"
             )
+        if phrasing not in PHRASINGS:
+            raise TgrlError(
+                f"unknown oracle phrasing {phrasing!r}", hint=f"choose from {', '.join(PHRASINGS)}"
+            )
         self.fault_rate = fault_rate
         self.fault_kinds = tuple(fault_kinds)
         self.seed = seed
+        self.varied = phrasing == "varied"
 
     @classmethod
     def from_config(cls, config: Any) -> OracleExpert:
-        """From a `GenerateConfig` (fault_rate, fault_kinds, seed)."""
-        return cls(fault_rate=config.fault_rate, fault_kinds=tuple(config.fault_kinds), seed=config.seed)
+        """From a `GenerateConfig` (fault_rate, fault_kinds, seed, oracle_phrasing)."""
+        return cls(
+            fault_rate=config.fault_rate,
+            fault_kinds=tuple(config.fault_kinds),
+            seed=config.seed,
+            phrasing=config.oracle_phrasing,
+        )
 
     def _rng(self, problem_id: str, sample: int) -> random.Random:
         digest = hashlib.sha256(f"oracle|{self.seed}|{problem_id}|{sample}".encode()).digest()
@@ -339,7 +437,7 @@ class OracleExpert:
             for j in range(samples):
                 rng = self._rng(problem.id, j)
                 fault = rng.choice(self.fault_kinds) if rng.random() < self.fault_rate else None
-                text, applied = respond(problem, rng, fault)
+                text, applied = respond(problem, rng, fault, self.varied)
                 row.append((text, {"fault": applied, "sample": j}))
             out.append(row)
         return out

@@ -13,6 +13,15 @@ For every valid response token t of sequence b (advantage A_b, token weight w_t)
 - optional k3 KL to a frozen reference (Schulman's estimator, as GRPO): ``exp(ref-logp) - (ref-logp) - 1``,
   times ``kl_coef``, and an entropy bonus ``- entropy_coef * entropy``.
 
+- optional expert SFT term (CHORD, arXiv 2508.11408): with ``sft_coef = mu`` the loss becomes
+  ``(1 - mu) * (policy + expert terms) + mu * L_SFT``, ``L_SFT`` the (token-weighted) negative log-likelihood
+  of the injected expert tokens averaged over them; ``sft_token_weight="p(1-p)"`` multiplies each expert
+  token's NLL by CHORD's ``phi = sg(p (1 - p))`` (down-weights tokens the policy already knows or finds
+  alien). `chord_coef` decays mu over training (CHORD decays it; linear or cosine here). Our changes:
+  the experts also stay in the mixed group (shaped term and advantages, scaled by ``1 - mu``), where
+  CHORD's RL part is on-policy only; KL and entropy regularisers are not scaled by ``1 - mu``. Off
+  (``None``) by default until the reproduction table decides.
+
 Our choices, not in the papers: the token weights scale only the surrogate terms, not the KL or entropy
 regularisers; the k3 KL is applied to on-policy tokens only (k3 estimates KL(pi || ref) only for tokens
 sampled from pi, which expert tokens are not); the entropy bonus applies to every valid token.
@@ -35,6 +44,8 @@ token counts are `StepSum`s, every mean is a `TokenMean`; nothing is turned into
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -43,12 +54,43 @@ from tgrl_lib.rl.stats import Stat, step_sum, token_mean
 
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 EXPERT_SHAPINGS = ("shaped", "plain")
+SFT_TOKEN_WEIGHTS = ("none", "p(1-p)")
 
 
-def accumulation_totals(response_mask: Tensor) -> dict[str, int]:
-    """Normaliser counts of a whole optimizer step, to pass to every micro-batch's loss call."""
+def accumulation_totals(response_mask: Tensor, expert_mask: Tensor | None = None) -> dict[str, int]:
+    """Normaliser counts of a whole optimizer step, to pass to every micro-batch's loss call (with
+    `expert_mask` [B] also the expert tokens, the normaliser of the CHORD SFT term)."""
     mask = response_mask.bool()
-    return {"num_valid_tokens_total": int(mask.sum()), "num_sequences_total": int(mask.any(dim=1).sum())}
+    totals = {"num_valid_tokens_total": int(mask.sum()), "num_sequences_total": int(mask.any(dim=1).sum())}
+    if expert_mask is not None:
+        totals["num_expert_tokens_total"] = int((mask & expert_mask.bool()[:, None]).sum())
+    return totals
+
+
+def chord_coef(step: int, total_steps: int, mu: float, mu_end: float | None, decay: str = "cosine") -> float:
+    """CHORD's mu at `step` (1-based) of `total_steps`: `mu` throughout when `mu_end` is None, else going
+    from `mu` (step 1) to `mu_end` (the last step) linearly or along a half cosine.
+
+    >>> chord_coef(1, 5, 0.9, 0.1), chord_coef(3, 5, 0.9, 0.1, "linear"), chord_coef(5, 5, 0.9, 0.1)
+    (0.9, 0.5, 0.1)
+    """
+    if mu_end is None or total_steps <= 1:
+        return mu
+    frac = min(max((step - 1) / (total_steps - 1), 0.0), 1.0)
+    if decay == "linear":
+        return mu + (mu_end - mu) * frac
+    if decay == "cosine":
+        return mu_end + (mu - mu_end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise TgrlError(f"losses: unknown mu decay {decay!r}", hint="use linear or cosine")
+
+
+def expert_nll(logprobs: Tensor, token_weight: str = "none") -> tuple[Tensor, Tensor]:
+    """CHORD's per-token SFT term on expert tokens: ``(phi * -logp [B, T], phi [B, T])`` with
+    ``phi = sg(p (1 - p))`` for "p(1-p)", else 1."""
+    _choice("sft_token_weight", token_weight, SFT_TOKEN_WEIGHTS)
+    p = torch.exp(logprobs.detach())  # [B, T]
+    phi = p * (1.0 - p) if token_weight == "p(1-p)" else torch.ones_like(p)  # [B, T]  no gradient
+    return -logprobs * phi, phi
 
 
 def aggregate(
@@ -160,8 +202,14 @@ class TGRLLoss(nn.Module):
         kl_coef: float = 0.0,
         entropy_coef: float = 0.0,
         max_response_len: int | None = None,
+        sft_coef: float | None = None,
+        sft_token_weight: str = "none",
     ):
         super().__init__()
+        _choice("sft_token_weight", sft_token_weight, SFT_TOKEN_WEIGHTS)
+        if sft_coef is not None and not 0.0 <= sft_coef <= 1.0:
+            raise TgrlError(f"losses: sft_coef (CHORD mu) must be in [0, 1], got {sft_coef}")
+        self.sft_coef, self.sft_token_weight = sft_coef, sft_token_weight
         _choice("aggregation", aggregation, AGGREGATIONS)
         _choice("expert_shaping", expert_shaping, EXPERT_SHAPINGS)
         if aggregation == "constant" and (max_response_len is None or max_response_len < 1):
@@ -188,6 +236,8 @@ class TGRLLoss(nn.Module):
         entropy: Tensor | None = None,
         num_valid_tokens_total: int | None = None,
         num_sequences_total: int | None = None,
+        num_expert_tokens_total: int | None = None,
+        sft_coef: float | None = None,
     ) -> tuple[Tensor, dict[str, Stat]]:
         """Loss for one (micro-)batch of B sequences with T response positions.
 
@@ -195,14 +245,12 @@ class TGRLLoss(nn.Module):
         expert rows, may hold anything there), advantages [B], response_mask [B, T], expert_mask [B] bool,
         token_weights [B, T] (already normalised; default ones), ref_logprobs [B, T] (needed if kl_coef > 0;
         reported as kl/mean whenever given), entropy [B, T] (with grad; needed if entropy_coef > 0).
+        `sft_coef` overrides the CHORD mu for this call; `num_expert_tokens_total` normalises its SFT term.
         """
         like_logprobs = {"old_logprobs": old_logprobs, "response_mask": response_mask, "entropy": entropy}
         like_logprobs.update(token_weights=token_weights, ref_logprobs=ref_logprobs)
         _check_shapes(logprobs, like_logprobs, {"advantages": advantages, "expert_mask": expert_mask})
-        if self.kl_coef > 0 and ref_logprobs is None:
-            raise TgrlError("losses: kl_coef > 0 needs ref_logprobs", hint="pass them or set kl_coef=0")
-        if self.entropy_coef > 0 and entropy is None:
-            raise TgrlError("losses: entropy_coef > 0 needs entropy", hint="pass it or set entropy_coef=0")
+        self._check_needs(ref_logprobs, entropy)
         mask = response_mask.bool()  # [B, T]
         no_experts = torch.zeros_like(advantages, dtype=torch.bool)
         expert_rows = no_experts if expert_mask is None else expert_mask.bool()  # [B]
@@ -213,10 +261,12 @@ class TGRLLoss(nn.Module):
         w = torch.ones_like(logp) if token_weights is None else token_weights.detach().float()  # [B, T]
         # expert rows and padding get old = ref = logp (ratio 1): what old/ref hold there cannot leak NaN
         old = torch.where(policy_tok, old_logprobs.detach().float(), logp.detach())  # [B, T]
-        given = {"num_valid_tokens_total": num_valid_tokens_total, "num_sequences_total": num_sequences_total}
-        if None in given.values():  # counting here syncs with the device: the update passes both
-            given = accumulation_totals(mask) | {k: v for k, v in given.items() if v is not None}
-        totals = given
+        totals = {
+            "num_valid_tokens_total": num_valid_tokens_total,
+            "num_sequences_total": num_sequences_total,
+        }
+        if None in totals.values():  # counting here syncs with the device: the update passes both
+            totals = accumulation_totals(mask) | {k: v for k, v in totals.items() if v is not None}
 
         def over(term: Tensor, where: Tensor) -> Tensor:  # [B, T] -> scalar, zero outside `where`
             term = torch.where(where, term, 0.0)
@@ -243,11 +293,33 @@ class TGRLLoss(nn.Module):
             stats["expert/entropy"] = token_mean(entropy, expert_tok)
             if self.entropy_coef > 0:
                 terms["entropy_bonus"] = self.entropy_coef * over(entropy, mask)
-        loss = terms["policy"] + terms["expert"] + terms["kl"] - terms["entropy_bonus"]
+        mu = self.sft_coef if sft_coef is None else sft_coef
+        if mu is not None:  # CHORD: (1 - mu) * RL surrogate + mu * SFT on the expert tokens
+            terms["policy"], terms["expert"] = (1.0 - mu) * terms["policy"], (1.0 - mu) * terms["expert"]
+            terms["sft"], chord_stats = self._sft_term(logp, w, expert_tok, mu, num_expert_tokens_total)
+            stats.update(chord_stats)
+        loss = terms["policy"] + terms["expert"] + terms["kl"] - terms["entropy_bonus"] + terms.get("sft", 0)
         stats["loss/total"] = step_sum(loss)
         stats.update({f"loss/{name}": step_sum(term) for name, term in terms.items()})
         stats.update(self._token_stats(ratio, clipped, p, shaped, policy_tok, expert_tok))
         return loss, stats
+
+    def _check_needs(self, ref_logprobs: Tensor | None, entropy: Tensor | None) -> None:
+        if self.kl_coef > 0 and ref_logprobs is None:
+            raise TgrlError("losses: kl_coef > 0 needs ref_logprobs", hint="pass them or set kl_coef=0")
+        if self.entropy_coef > 0 and entropy is None:
+            raise TgrlError("losses: entropy_coef > 0 needs entropy", hint="pass it or set entropy_coef=0")
+
+    def _sft_term(
+        self, logp: Tensor, w: Tensor, expert_tok: Tensor, mu: float, n_expert: int | None
+    ) -> tuple[Tensor, dict[str, Stat]]:
+        """``mu * L_SFT``: the weighted expert-token NLL averaged over the step's expert tokens."""
+        nll, phi = expert_nll(logp, self.sft_token_weight)  # [B, T]
+        n_expert = n_expert if n_expert is not None else int(expert_tok.sum())
+        sft = torch.where(expert_tok, w * nll, 0.0).sum() / max(n_expert, 1)
+        stats = {"expert/sft_phi_mean": token_mean(phi, expert_tok)}
+        stats["expert/sft_coef"] = token_mean(torch.full_like(phi, mu), expert_tok)
+        return mu * sft, stats
 
     def _token_stats(self, ratio, clipped, p, shaped, policy_tok, expert_tok) -> dict[str, Stat]:
         grad_weight = shaping_grad_weight(shaped, p, self.expert_shaping)  # [B, T]  d f(p) / d logp

@@ -14,6 +14,11 @@ recipe). What we add or change:
   filter runs every step, on the current policy: mean token log-prob >= `in_loop_filter.min_logprob`;
 - which of a problem's eligible experts goes in rotates with the step (`(step + j) mod K`), so a problem seen
   in several epochs meets its different experts, deterministically (a resumed run picks the same ones);
+- ReLIFT's rule (arXiv 2506.07527: RL helps easy and medium questions, SFT the ones the policy cannot
+  solve at all) as an injection rule, `mixing.inject_rule: all_wrong`: experts go only into groups with no
+  correct rollout (`wants_injection`). ReLIFT fine-tunes on those questions in separate SFT phases
+  interleaved with RL; we inject them into the group instead. Off (`below`) by default until the
+  reproduction table decides;
 - DAPO's dynamic-sampling filter (arXiv 2503.14476) as an option: groups whose mixed rewards are all
   equal carry no advantage and are dropped (we drop, DAPO resamples).
 """
@@ -83,6 +88,20 @@ class ExpertPool:
         return out
 
 
+def wants_injection(accuracy: float, *, inject_below: float, rule: str = "below") -> bool:
+    """Whether a group with this on-policy accuracy gets experts: `below` (LUFFY's data-level option)
+    when accuracy < inject_below, `all_wrong` (ReLIFT) only when no rollout is correct.
+
+    >>> wants_injection(0.25, inject_below=0.5), wants_injection(0.25, inject_below=1.0, rule="all_wrong")
+    (True, False)
+    """
+    if rule == "all_wrong":
+        return accuracy == 0.0
+    if rule == "below":
+        return accuracy < inject_below
+    raise ValueError(f"unknown inject rule {rule!r} (below or all_wrong)")
+
+
 def rotate(candidates: Sequence[Trajectory], n: int, step: int) -> list[Trajectory]:
     """`n` of the candidates (fewer if there are fewer), starting at `step mod K` and wrapping."""
     k = len(candidates)
@@ -99,6 +118,7 @@ def add_experts(
     format_weight: float,
     likelihood: LikelihoodFn | None = None,
     min_logprob: float | None = None,
+    fact_weight: float = 0.0,
 ) -> dict[str, float]:
     """Give every group that `wants` experts up to `n_expert` of its eligible ones, replacing its last
     on-policy samples (TGRL) or, in a group without rollouts, as its samples (SFT). Returns expert/* stats."""
@@ -113,7 +133,7 @@ def add_experts(
         if not chosen:
             missing += 1
             continue
-        experts = [_expert_sample(t, group.problem, format_weight) for t in chosen]
+        experts = [_expert_sample(t, group.problem, format_weight, fact_weight) for t in chosen]
         if group.samples:
             group.samples[-len(experts) :] = experts  # replaces on-policy slots: the group keeps size G
         else:
@@ -151,10 +171,12 @@ def _likelihood_filter(
     return kept, stats
 
 
-def _expert_sample(trajectory: Trajectory, problem: Problem, format_weight: float) -> Sample:
+def _expert_sample(
+    trajectory: Trajectory, problem: Problem, format_weight: float, fact_weight: float = 0.0
+) -> Sample:
     from tgrl_lib.scoring.rewards import reward
 
-    result = reward(trajectory.text, problem, format_weight=format_weight)
+    result = reward(trajectory.text, problem, format_weight=format_weight, fact_weight=fact_weight)
     return Sample(
         trajectory.text,
         None,

@@ -153,13 +153,14 @@ def rollout(
     return generated
 
 
-def score(groups: list[Group], format_weight: float) -> None:
-    """Set reward / correct / formatted of every sample with the verifiable reward."""
+def score(groups: list[Group], format_weight: float, fact_weight: float = 0.0) -> None:
+    """Set reward / correct / formatted of every sample with the verifiable reward (plus the optional
+    fact-level term, `scoring.rewards.fact_score`, when `fact_weight` > 0)."""
     from tgrl_lib.scoring.rewards import reward
 
     for group in groups:
         for sample in group.samples:
-            result = reward(sample.text, group.problem, format_weight=format_weight)
+            result = reward(sample.text, group.problem, format_weight=format_weight, fact_weight=fact_weight)
             sample.reward, sample.correct, sample.formatted = result.reward, result.correct, result.formatted
 
 

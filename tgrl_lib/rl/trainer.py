@@ -39,7 +39,7 @@ from tgrl_lib.rl.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tgrl_lib.rl.mixing import ExpertPool, add_experts, drop_zero_variance
+from tgrl_lib.rl.mixing import ExpertPool, add_experts, drop_zero_variance, wants_injection
 from tgrl_lib.rl.rollout import DataCursor, Group, make_groups, rollout, rollout_stats, score
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,11 @@ USES_EXPERTS = ("tgrl", "sft")  # grpo never sees an expert trajectory
 
 
 def wants_experts(config: TrainConfig, group: Group) -> bool:
-    """Whether `group` receives expert trajectories: every group for sft, for tgrl those whose on-policy
-    accuracy is below `mixing.inject_below`."""
-    return config.algorithm == "sft" or group.accuracy < config.mixing.inject_below
+    """Whether `group` receives expert trajectories: every group for sft, for tgrl those that
+    `mixing.inject_rule` picks (accuracy below `mixing.inject_below`, or all wrong)."""
+    m = config.mixing
+    return config.algorithm == "sft" or wants_injection(group.accuracy, inject_below=m.inject_below,
+                                                        rule=m.inject_rule)  # fmt: skip
 
 
 @dataclass
@@ -352,7 +354,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         )
     t_rollout = time.perf_counter()
     # 3. score with the verifiable reward
-    score(groups, cfg.format_reward)
+    score(groups, cfg.format_reward, cfg.fact_reward)
     metrics = rollout_stats(groups)
     # 4. expert mixing, experts passing the in-loop filters (static ones at pool build, likelihood now)
     if run.pool is not None:
@@ -365,6 +367,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             format_weight=cfg.format_reward,
             likelihood=_likelihood(run),
             min_logprob=cfg.in_loop_filter.min_logprob,
+            fact_weight=cfg.fact_reward,
         )
     # 5. optional DAPO filter: groups whose (mixed) rewards are all equal carry no advantage
     if cfg.in_loop_filter.drop_zero_variance and run.backend is not None:

@@ -27,7 +27,7 @@ from tgrl_lib.config import TrainConfig
 from tgrl_lib.data.images import blank_images
 from tgrl_lib.models.collate import SequenceBatch, collate_sequences
 from tgrl_lib.models.logprobs import response_logprobs, shared_prefix_logprobs
-from tgrl_lib.rl.losses import TGRLLoss, accumulation_totals, sft_loss
+from tgrl_lib.rl.losses import TGRLLoss, accumulation_totals, chord_coef, sft_loss
 from tgrl_lib.rl.rollout import Group, derived_seed
 from tgrl_lib.rl.stats import Stat, StatsMeter
 from tgrl_lib.rl.weighting import compute_token_weights, selected_tokens, weight_stats
@@ -131,7 +131,8 @@ def prepare_batch(
     if off_policy:
         batch.old_logprobs = logp_img
     if kind == "visual_dependency":
-        blank_images_ = blank_images(batch.images)  # same sizes: the same image-token layout
+        fill = 0 if config.weighting.blank_fill == "black" else config.weighting.blank_fill
+        blank_images_ = blank_images(batch.images, fill)  # same sizes: the same image-token layout
         blank = collate_sequences(
             processor, batch.prompts, blank_images_, batch.responses, batch.max_response_tokens
         )
@@ -152,6 +153,7 @@ def prepare_batch(
         alpha=w.alpha,
         apply_to=w.apply_to,
         method=w.normalise,
+        top_k=w.top_k,
     )
     chosen = selected_tokens(mask, w.apply_to, batch.expert_mask)
     return weight_stats(batch.token_weights, chosen, w_min=w.w_min, w_max=w.w_max)
@@ -173,8 +175,18 @@ class RLObjective:
             kl_coef=c.kl_coef,
             entropy_coef=c.entropy_coef,
             max_response_len=c.constant_length or config.sampling.max_new_tokens,
+            sft_coef=c.expert_sft_coef,
+            sft_token_weight=c.expert_sft_token_weight,
         )
         self.needs_entropy = c.entropy_coef > 0
+        self.config, self.mu = config, c.expert_sft_coef
+
+    def at_step(self, step: int) -> None:
+        """CHORD's mu for this step (decayed when `loss.expert_sft_coef_end` is set)."""
+        c = self.config.loss
+        if c.expert_sft_coef is not None:
+            self.mu = chord_coef(step, self.config.steps, c.expert_sft_coef, c.expert_sft_coef_end,
+                                 c.expert_sft_decay)  # fmt: skip
 
     def __call__(
         self, logprobs: Tensor, entropy: Tensor | None, mb: TrainBatch, totals: dict[str, int]
@@ -189,6 +201,7 @@ class RLObjective:
             token_weights=mb.token_weights,
             ref_logprobs=mb.ref_logprobs,
             entropy=entropy,
+            sft_coef=self.mu,
             **totals,
         )
 
@@ -200,6 +213,9 @@ class SFTObjective:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+
+    def at_step(self, step: int) -> None:
+        """Nothing depends on the step."""
 
     def __call__(
         self, logprobs: Tensor, entropy: Tensor | None, mb: TrainBatch, totals: dict[str, int]
@@ -230,11 +246,12 @@ def policy_update(
     meter = StatsMeter()
     device = accelerator.device
     temperature = scoring_temperature(config)
+    objective.at_step(step)
     for epoch in range(config.ppo_epochs):
         shuffle = torch.Generator().manual_seed(derived_seed(config.seed, "minibatch", step, epoch))
         order = torch.randperm(batch.size, generator=shuffle)  # [B]
         for minibatch in order.split(config.minibatch_size):
-            totals = accumulation_totals(batch.seq.response_mask[minibatch])
+            totals = accumulation_totals(batch.seq.response_mask[minibatch], batch.expert_mask[minibatch])
             micro_batches = minibatch.split(config.micro_batch_size)
             for i, rows in enumerate(micro_batches):
                 mb = batch.select(rows)

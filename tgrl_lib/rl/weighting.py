@@ -25,12 +25,25 @@ Normalisation (`normalise_weights`), over the tokens the weights apply to (``app
   the scores matters, so one outlier cannot flatten the rest. With the default bounds the weights span
   (0.5, 1.5); tokens that all score 0 share one weight below 1.
 
+- ``top_k`` (VPPO, arXiv 2510.09285): the ``top_k`` share of the selected tokens with the highest scores
+  get weight 1, the others 0 (blended ``w = (1 - alpha) + alpha * mask``), so only the most visually
+  dependent tokens carry gradient. Ties are broken by position (stable sort), so the mask is deterministic.
+  VPPO applies it to on-policy tokens (``apply_to: policy``); here it may also apply to expert tokens. VPPO's
+  trajectory-level advantage scaling is not implemented. The loss still divides by all valid tokens.
+  Off by default (``mean`` stays the default) until the reproduction table decides.
+
+The counterfactual image of visual dependency is black by default (VPPO blackens patches); the synthetic
+scenes have a white background, so a black image is out of distribution for them: `blank_fill`
+(`WeightingConfig.blank_fill`) chooses each image's background colour or a fixed RGB fill instead
+(`data.images.blank_images`).
+
 Pass the whole rollout batch, not a micro-batch, so a token's weight does not depend on how the batch is
 split.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -75,9 +88,10 @@ def normalise_weights(
     apply_to: str = "both",
     expert_mask: Tensor | None = None,
     method: str = "mean",
+    top_k: float = 0.2,
 ) -> Tensor:
-    """Turn raw scores [B, T] into weights [B, T] with mean 1 over the selected tokens (see the module
-    docstring for the `method`s "mean" and "rank").
+    """Turn raw scores [B, T] into weights [B, T] over the selected tokens (see the module docstring for
+    the `method`s "mean" and "rank", mean 1, and "top_k", a 0/1 mask of the `top_k` share).
 
     Selected tokens are the valid (`mask`) tokens of the rows `apply_to` names ("expert", "policy" or
     "both"; `expert_mask` [B] marks expert rows). Every other position gets 1. If no token is selected or
@@ -87,9 +101,9 @@ def normalise_weights(
         raise TgrlError(
             f"weighting: need 0 <= w_min <= w_max and 0 <= alpha <= 1, got {w_min}, {w_max}, {alpha}"
         )
-    if method not in NORMALISERS:
+    if method not in (*NORMALISERS, "top_k"):
         raise TgrlError(
-            f"weighting: unknown normalisation {method!r}", hint=f"use one of {list(NORMALISERS)}"
+            f"weighting: unknown normalisation {method!r}", hint=f"use one of {[*NORMALISERS, 'top_k']}"
         )
     if method == "rank" and not w_min <= 1.0 <= w_max:
         raise TgrlError(f"weighting: rank normalisation needs w_min <= 1 <= w_max, got {w_min}, {w_max}")
@@ -104,7 +118,10 @@ def normalise_weights(
     n = int(selected.sum())
     if n == 0 or float(scores.sum()) == 0.0:
         return ones
-    weights = NORMALISERS[method](scores[selected], w_min, w_max, alpha)  # [n]
+    if method == "top_k":
+        weights = top_k_mask(scores[selected], top_k, alpha)  # [n]
+    else:
+        weights = NORMALISERS[method](scores[selected], w_min, w_max, alpha)  # [n]
     out = ones.clone()
     out[selected] = weights
     return out
@@ -125,6 +142,21 @@ def _rank_weights(scores: Tensor, w_min: float, w_max: float, alpha: float) -> T
     quantile = (mid_rank[inverse] + 0.5) / n  # [n]  in (0, 1), mean 0.5
     half_span = min(1.0 - w_min, w_max - 1.0)
     return 1.0 + alpha * half_span * (2.0 * quantile - 1.0)
+
+
+def top_k_mask(scores: Tensor, fraction: float, alpha: float = 1.0) -> Tensor:
+    """VPPO's token mask: 1 on the ceil(fraction * n) highest scores [n], 0 elsewhere, blended by alpha.
+
+    >>> top_k_mask(torch.tensor([0.1, 0.9, 0.0, 0.5, 0.5]), 0.4).tolist()
+    [0.0, 1.0, 0.0, 1.0, 0.0]
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise TgrlError(f"weighting: top_k must be in (0, 1], got {fraction}")
+    k = math.ceil(fraction * scores.numel())
+    order = torch.sort(scores, descending=True, stable=True).indices  # [n]  ties: earlier position first
+    mask = torch.zeros_like(scores)
+    mask[order[:k]] = 1.0
+    return (1.0 - alpha) + alpha * mask
 
 
 # method -> (selected scores [n], w_min, w_max, alpha) -> weights [n]
@@ -176,6 +208,7 @@ def compute_token_weights(
     alpha: float = 1.0,
     apply_to: str = "both",
     method: str = "mean",
+    top_k: float = 0.2,
 ) -> Tensor:
     """Token weights [B, T] of the given kind ("none", "visual_dependency", "entropy"), normalised.
 
@@ -201,6 +234,7 @@ def compute_token_weights(
         apply_to=apply_to,
         expert_mask=expert_mask,
         method=method,
+        top_k=top_k,
     )
 
 

@@ -8,6 +8,12 @@ nanochat where the RL reward and the task's evaluation share one function. Rewar
 callables with a `>>>` example, as in TRL's `trl/rewards`; unlike TRL they take our `Problem` rather than a
 solution string, because matching depends on the answer type, the choices, the precision and the unit.
 
+Beyond the paper (its own arm in the reproduction table, off by default): `fact_weight` > 0 adds
+`fact_weight * fact_score`, the share of the response's stated visual facts that are true
+(`tgrl_lib.scoring.grounding`), on problems that carry `facts`; a response that states no fact gets 0 for
+it, so the term cannot be earned by saying nothing. It shows what a grounding signal adds on top of the
+verifiable reward; TGRL itself rewards only the answer (and the format).
+
 The format rule is strict: exactly one `<think>`, `</think>`, `<answer>`, `</answer>` each, in that order,
 only whitespace around and between the two blocks, a non-empty answer, nothing after `</answer>`.
 Correctness does not require the format (a right `\\boxed{}` answer is still correct), so the format bonus
@@ -27,6 +33,7 @@ from tgrl_lib.scoring.answers import extract_answer, match_answer, normalize_tex
 __all__ = [
     "RewardResult",
     "extract_answer",
+    "fact_score",
     "format_reward",
     "has_valid_format",
     "match_answer",
@@ -82,11 +89,29 @@ def verify(response: str, problem: Problem) -> bool:
     return match_answer(extract_answer(response, problem), problem)
 
 
+def fact_score(response: str, problem: Problem) -> float | None:
+    """Share of the stated visual facts that are true (0.0 when none is stated); None without facts.
+
+    >>> facts = {"objects": [{"shape": "circle", "color": "red", "size": "small", "px": 10,
+    ...          "bbox": [0, 0, 10, 10], "center": [5, 5]}], "bars": []}
+    >>> p = Problem(id="p", image="i.png", question="How many?", answer="1", answer_type="integer",
+    ...             facts=facts)
+    >>> fact_score("I see 1 red circle, 1 blue square.", p), fact_score("One.", p)
+    (0.5, 0.0)
+    """
+    from tgrl_lib.scoring.grounding import grounding_score
+
+    if not problem.facts:
+        return None
+    score = grounding_score(response, problem.facts)
+    return 0.0 if score is None else score
+
+
 @dataclass(frozen=True)
 class RewardResult:
     """The scalar reward and its parts, so that callers can log accuracy and format rate separately."""
 
-    reward: float  # 1.0 * correct + format_weight * formatted
+    reward: float  # 1.0 * correct + format_weight * formatted (+ fact_weight * fact_score)
     correct: bool
     formatted: bool
     answer: str | None  # the extracted answer (None when none was found)
@@ -100,7 +125,9 @@ def _check_weight(format_weight: float) -> None:
         )
 
 
-def reward(response: str, problem: Problem, *, format_weight: float = DEFAULT_FORMAT_WEIGHT) -> RewardResult:
+def reward(
+    response: str, problem: Problem, *, format_weight: float = DEFAULT_FORMAT_WEIGHT, fact_weight: float = 0.0
+) -> RewardResult:
     """The verifiable reward of one response: 1 for a correct answer plus `format_weight` for the format.
 
     >>> p = Problem(id="p", image="i.png", question="How many?", answer="3", answer_type="integer")
@@ -113,7 +140,11 @@ def reward(response: str, problem: Problem, *, format_weight: float = DEFAULT_FO
     answer = extract_answer(response, problem)
     correct = match_answer(answer, problem)
     formatted = has_valid_format(response)
-    return RewardResult(float(correct) + format_weight * formatted, correct, formatted, answer)
+    total = float(correct) + format_weight * formatted
+    if fact_weight:
+        _check_weight(fact_weight)
+        total += fact_weight * (fact_score(response, problem) or 0.0)
+    return RewardResult(total, correct, formatted, answer)
 
 
 def score_batch(
