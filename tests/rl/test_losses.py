@@ -9,7 +9,7 @@ from tgrl_lib.errors import TgrlError
 from tgrl_lib.rl import losses
 from tgrl_lib.rl.advantages import group_advantages
 from tgrl_lib.rl.losses import AGGREGATIONS, TGRLLoss, accumulation_totals, k3_kl, sft_loss
-from tgrl_lib.rl.stats import StepSum, TokenMean, as_floats
+from tgrl_lib.rl.stats import LossTerm, StepSum, TokenMean, as_floats
 
 
 def close(actual, expected, tol=1e-6):
@@ -227,6 +227,7 @@ def test_stats_decompose_the_loss_and_stay_detached_tensors_with_their_rule():
         "tokens/expert",
     }
     assert all(isinstance(v, TokenMean) for k, v in raw.items() if not k.startswith(("loss/", "tokens/")))
+    assert {k for k, v in raw.items() if isinstance(v, LossTerm)} == summed - {"tokens/policy"}  # N-scaled
     assert stats["tokens/expert"] == 6 + 6 and stats["tokens/policy"] == mask.sum().item() - 12
 
 

@@ -44,10 +44,9 @@ from typing import Any
 from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.rl.rollout import derived_seed
+from tgrl_lib.rl.stats import LossTerm
 
 log = logging.getLogger(__name__)
-
-SUMMED_LOSS_PREFIX = "loss/"  # stats that are partial sums of the global loss: scaled by N like the loss
 
 
 def launched_world_size() -> int:
@@ -157,8 +156,12 @@ class GlobalTotals:
         dist.all_reduce(counts)  # gloo and nccl both sum int64 (nccl wants it on the device)
         summed = dict(zip(keys, (int(c) for c in counts.tolist()), strict=True))
         loss, stats = self.objective(logprobs, entropy, mb, summed)
-        scaled = {k: v * world if k.startswith(SUMMED_LOSS_PREFIX) else v for k, v in stats.items()}
+        scaled = {k: LossTerm(v.value * world) if isinstance(v, LossTerm) else v for k, v in stats.items()}
         return loss * world, scaled
+
+    def at_step(self, step: int) -> None:
+        """Schedules of the wrapped objective (e.g. CHORD's decaying mu) follow the optimizer step."""
+        self.objective.at_step(step)
 
 
 def rank_logger(accelerator: Any, output_dir: Path) -> Any | None:

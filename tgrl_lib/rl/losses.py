@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from tgrl_lib.errors import TgrlError
-from tgrl_lib.rl.stats import Stat, step_sum, token_mean
+from tgrl_lib.rl.stats import Stat, loss_term, step_sum, token_mean
 
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 EXPERT_SHAPINGS = ("shaped", "plain")
@@ -299,8 +299,8 @@ class TGRLLoss(nn.Module):
             terms["sft"], chord_stats = self._sft_term(logp, w, expert_tok, mu, num_expert_tokens_total)
             stats.update(chord_stats)
         loss = terms["policy"] + terms["expert"] + terms["kl"] - terms["entropy_bonus"] + terms.get("sft", 0)
-        stats["loss/total"] = step_sum(loss)
-        stats.update({f"loss/{name}": step_sum(term) for name, term in terms.items()})
+        stats["loss/total"] = loss_term(loss)
+        stats.update({f"loss/{name}": loss_term(term) for name, term in terms.items()})
         stats.update(self._token_stats(ratio, clipped, p, shaped, policy_tok, expert_tok))
         return loss, stats
 
@@ -355,7 +355,7 @@ def sft_loss(
     total = num_valid_tokens_total if num_valid_tokens_total is not None else int(mask.sum())
     loss = aggregate(w * nll, mask, "token_mean", num_valid_tokens_total=total, num_sequences_total=0)
     stats = {
-        "loss/sft": step_sum(loss),
+        "loss/sft": loss_term(loss),
         "sft/nll_mean": token_mean(nll, mask),
         "tokens/sft": step_sum(mask.sum()),
     }

@@ -3,8 +3,8 @@
 A loss returns its stats as detached 0-dim tensors wrapped in the rule that combines them over the
 micro-batches of an update, so nothing calls `.item()` per micro-batch (a device sync each time):
 
-- `StepSum`: adds up over the micro-batches of one optimizer step (a loss contribution, a token count),
-  then is averaged over the update's optimizer steps.
+- `StepSum`: adds up over the micro-batches of one optimizer step (a token count; `LossTerm`, a term of the
+  loss), then is averaged over the update's optimizer steps.
 - `TokenMean`: a mean over a set of tokens, kept as (sum, count) so micro-batches of different sizes
   combine exactly: the update's value is the sum of sums over the sum of counts (0.0 for no tokens; read
   it with its `tokens/*` count).
@@ -29,6 +29,12 @@ class StepSum:
 
 
 @dataclass(frozen=True)
+class LossTerm(StepSum):
+    """A step sum that is a term of the loss itself (loss/total, loss/policy, ...): under data parallelism
+    it scales with the loss (`rl.distributed.GlobalTotals`), a token count does not."""
+
+
+@dataclass(frozen=True)
 class TokenMean:
     """A mean over tokens, as its sum and its count."""
 
@@ -46,6 +52,10 @@ def token_mean(x: Tensor, mask: Tensor) -> TokenMean:
 
 def step_sum(x: Tensor) -> StepSum:
     return StepSum(x.detach().float())
+
+
+def loss_term(x: Tensor) -> LossTerm:
+    return LossTerm(x.detach().float())
 
 
 def as_floats(stats: dict[str, Stat]) -> dict[str, float]:
