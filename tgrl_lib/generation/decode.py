@@ -213,7 +213,7 @@ def decode(
     cache = _Cache(prompt_kv, inputs["attention_mask"], expand, max_new_tokens)
     allowed = torch.ones(V, dtype=torch.float32, device=device)
     allowed[[i for i in suppressed if i < V]] = 0
-    stops = torch.tensor(list(stop_ids), device=device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     allowed_early = allowed.clone()
     allowed_early[stops[stops < V]] = 0  # stops held back until min_new_tokens
     caps = [int(a.nonzero().max()) for a in (allowed, allowed_early)]
