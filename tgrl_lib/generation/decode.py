@@ -88,11 +88,13 @@ def prefill(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, list[tuple[T
     return out.logits[:, -1].float(), layers, next_position
 
 
-def _rope(inv_freq: Tensor, position: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [N, 1, 1, d] of 1D rope at `position` [N] (computed in fp32 like HF, then cast)."""
-    freqs = position[:, None].float() * inv_freq[None].float()  # [N, d/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [N, d]
-    return (emb.cos() * scaling).to(dtype)[:, None, None], (emb.sin() * scaling).to(dtype)[:, None, None]
+def _rope(inv_freq: Tensor, position: Tensor, steps: int, scaling: float, dtype: torch.dtype):
+    """cos, sin [N, steps, d] of 1D rope at positions `position` [N] + 0 .. steps - 1 (computed in fp32
+    like HF, then cast), once per call: step t reads column t."""
+    offsets = torch.arange(steps, device=position.device)
+    freqs = (position[:, None] + offsets[None]).float()[..., None] * inv_freq.float()  # [N, steps, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [N, steps, d]
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -141,8 +143,8 @@ def _attention(q: Tensor, cache: _Cache, i: int, t: int, scale: float) -> Tensor
 def _step(text: Any, model: Any, tokens: Tensor, cache: _Cache, t: int, rope: tuple) -> Tensor:
     """Decode step t for tokens [N]: writes generated column t, returns logits [N, V] (fp32)."""
     h = text.embed_tokens(tokens[:, None])  # [N, 1, H]
-    cos, sin = rope
     N = tokens.shape[0]
+    cos, sin = (r[:, t].view(N, 1, 1, -1) for r in rope)  # [N, 1, 1, d]
     for i, layer in enumerate(text.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -228,6 +230,7 @@ def decode(
     inv_freq = text.rotary_emb.inv_freq
     scaling = float(getattr(text.rotary_emb, "attention_scaling", 1.0))
     dtype = text.embed_tokens.weight.dtype
+    rope = _rope(inv_freq, position, max_new_tokens, scaling, dtype)  # [N, max_new, d] x 2
     for t in range(max_new_tokens):
         early = int(t < min_new_tokens)
         token, lp = _pick(logits, temperature, (allowed, allowed_early)[early], caps[early], bias)
@@ -235,7 +238,6 @@ def decode(
         done |= torch.isin(token, stops)
         if t == max_new_tokens - 1 or bool(done.all()):
             break
-        rope = _rope(inv_freq, position + t, scaling, dtype)
         logits = _step(text, model, token, cache, t, rope)
     if expand != samples:
         tokens = tokens.repeat_interleave(samples, dim=0)
