@@ -105,6 +105,7 @@ def main(argv: list[str]) -> int:
             for side in sides:
                 r = spawn(SCRIPT, side, workdirs[n], args.steps, args.threads, overrides={"point": point})
                 keep = ("step_s", "peak_rss_mb", "intervals_s", "rollout_s", "update_s", "wall_s")
+                keep += ("generated_tokens", "trained_tokens")  # the equal-work check
                 runs.append({"factor": factor, "value": value, "point": point, "side": side} | {
                     k: r[k] for k in keep if k in r
                 })  # fmt: skip
