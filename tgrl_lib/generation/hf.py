@@ -13,7 +13,7 @@ samples exactly what an uninterrupted one did without checkpointing a sampler st
 
 Two samplers, one distribution (`sampler`): `decode` (`generation.decode`: each prompt prefilled once and
 its cache shared by its G samples, a preallocated cache, a compact loop over the model's own modules;
-2.8x HF `generate`'s tokens/s on the tiny recipe, benchmarks/results/perf.md) and `generate`
+2.3-2.8x HF `generate`'s tokens/s on the tiny recipe, benchmarks/results/perf.md) and `generate`
 (transformers `generate`). `auto`, the default, takes `decode` where `decode.supports(model)` and
 `generate` elsewhere. Greedy tokens are identical between the two (tests/generation/test_decode.py);
 sampled ones are draws of the same distribution, and `decode` also returns each token's log-prob.
