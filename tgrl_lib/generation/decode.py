@@ -182,7 +182,7 @@ def _pick(
 
 def _inverse_cdf(weights: Tensor, cap: int) -> Tensor:
     """One draw per row of weights [N, V] >= 0: the first id whose cumulative weight exceeds u ~
-    U[0, total). One uniform per row (`torch.multinomial` draws V exponentials per row: ~15x slower
+    U[0, total). One uniform per row (`torch.multinomial` draws V exponentials per row: slower
     here); ids of weight 0 have an empty cdf step, and `cap` (an allowed id) bounds float rounding."""
     cdf = weights.cumsum(-1)  # [N, V]
     u = torch.rand(weights.shape[0], 1, device=weights.device, dtype=cdf.dtype) * cdf[:, -1:]  # [N, 1]
