@@ -78,7 +78,7 @@ def test_stops_at_end_of_turn(policy, inputs):
     im_end = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
     backend = _fresh(policy, sequence_bias={(im_end,): 100.0})  # make <|im_end|> the only likely token
     out = backend.generate(*inputs, samples=2, temperature=1.0, max_new_tokens=8, seed=0)
-    assert all(c == Completion(text="", token_ids=(im_end,), finish_reason="stop") for g in out for c in g)
+    assert all((c.text, c.token_ids, c.finish_reason) == ("", (im_end,), "stop") for g in out for c in g)
 
 
 def test_image_tokens_are_never_sampled(policy, inputs):

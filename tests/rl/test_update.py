@@ -122,3 +122,45 @@ def test_rl_scores_at_the_rollout_temperature_and_sft_at_one():
     assert scoring_temperature(TrainConfig(algorithm="tgrl", sampling={"temperature": 0.7})) == 0.7
     assert scoring_temperature(TrainConfig(algorithm="grpo", sampling={"temperature": 1.3})) == 1.3
     assert scoring_temperature(TrainConfig(algorithm="sft", sampling={"temperature": 0.7})) == 1.0
+
+
+@pytest.mark.parametrize(("apply_to", "epochs"), [("expert", 1), ("policy", 1), ("both", 1), ("expert", 2)])
+def test_visual_dependency_on_the_weighted_rows_only_equals_the_full_passes(
+    policy, make_groups, apply_to, epochs
+):
+    """prepare_batch runs both visual-dependency passes on the rows the weights apply to; the weights
+    equal those of the two passes over the whole batch (the reference below), and with several epochs
+    the old log-probs are the full with-image pass."""
+    from tgrl_lib.data.images import blank_images
+    from tgrl_lib.models.collate import collate_sequences
+    from tgrl_lib.models.logprobs import response_logprobs
+    from tgrl_lib.rl.weighting import compute_token_weights
+
+    config = TrainConfig(
+        algorithm="tgrl", group_size=4, micro_batch_size=3, ppo_epochs=epochs, sampling={"max_new_tokens": 8},
+        weighting={"kind": "visual_dependency", "apply_to": apply_to},
+    )  # fmt: skip
+    groups = make_groups(policy, [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    for g in groups:  # the first response of each group plays the injected expert
+        g.samples[0] = type(g.samples[0])(**{**vars(g.samples[0]), "is_expert": True})
+    rewards = torch.tensor([[s.reward for s in g.samples] for g in groups])
+    batch = build_batch(policy.processor, groups, group_advantages(rewards), config.sampling.max_new_tokens)
+    assert int(batch.expert_mask.sum()) == 3
+    prepare_batch(batch, policy.model, policy.processor, config)
+    with torch.no_grad():  # reference: both passes over every row, no prefix sharing
+        with_image, _ = response_logprobs(policy.model, batch.seq, temperature=1.0)
+        blank = collate_sequences(
+            policy.processor, batch.prompts, blank_images(batch.images), batch.responses, 8
+        )
+        without, _ = response_logprobs(policy.model, blank, temperature=1.0)
+    w = config.weighting
+    expected = compute_token_weights(
+        "visual_dependency", response_mask=batch.seq.response_mask, expert_mask=batch.expert_mask,
+        logprobs_with_image=with_image, logprobs_blank=without, w_min=w.w_min, w_max=w.w_max,
+        alpha=w.alpha, apply_to=apply_to, method=w.normalise,
+    )  # fmt: skip
+    torch.testing.assert_close(batch.token_weights, expected, atol=1e-4, rtol=1e-4)
+    assert batch.token_weights[batch.seq.response_mask.bool()].std() > 0  # the weights are not all 1
+    if epochs > 1:
+        mask = batch.seq.response_mask.bool()
+        torch.testing.assert_close(batch.old_logprobs[mask], with_image[mask], atol=1e-5, rtol=1e-5)

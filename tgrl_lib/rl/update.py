@@ -4,8 +4,9 @@
   and whether it is an expert trajectory.
 - `prepare_batch` (no grad, over the whole batch so weights do not depend on the micro-batch split):
   behaviour log-probs `old_logprobs` when the update is off-policy (several epochs or minibatches), the
-  blank-image pass for visual-dependency weights, the entropy for entropy weights, the frozen reference for
-  the KL. With one epoch and one minibatch nothing is off-policy: the old log-probs are the current ones,
+  with-image and blank-image passes for visual-dependency weights (over the rows the weights apply to
+  only: the expert rows by default), the entropy for entropy weights, the frozen reference for the KL.
+  With one epoch and one minibatch nothing is off-policy: the old log-probs are the current ones,
   detached (ratio 1, gradient of the plain policy gradient), and that forward is skipped.
 - `policy_update`: per epoch a seeded shuffle into minibatches of `minibatch_size`; each minibatch is one
   optimizer step over micro-batches of `micro_batch_size` whose losses sum exactly to the minibatch loss
@@ -119,28 +120,40 @@ def is_off_policy(config: TrainConfig, batch_size: int) -> bool:
 def prepare_batch(
     batch: TrainBatch, model: Any, processor: Any, config: TrainConfig, ref_model: Any | None = None
 ) -> dict[str, float]:
-    """Fill old/ref log-probs and token weights (no grad); returns weights/* stats."""
-    kind, micro = config.weighting.kind, config.micro_batch_size
+    """Fill old/ref log-probs and token weights (no grad); returns weights/* stats.
+
+    Visual-dependency weights score only the rows they apply to (`weighting.apply_to`: the expert rows by
+    default, one in G): both passes, with the image and blanked, run on those rows alone, and the pass
+    with the image is the old-log-prob pass itself when the update is off-policy."""
+    kind, micro, w = config.weighting.kind, config.micro_batch_size, config.weighting
     temperature = scoring_temperature(config)  # old, ref and blank-image log-probs score like the loss
     off_policy = is_off_policy(config, batch.size)
+    mask = batch.seq.response_mask
+    chosen = selected_tokens(mask, w.apply_to, batch.expert_mask)  # [B, T]
     logp_img = entropy = logp_blank = None
-    if off_policy or kind in ("visual_dependency", "entropy"):
+    if off_policy or kind == "entropy":
         logp_img, entropy = batched_logprobs(
             model, batch.seq, micro, with_entropy=kind == "entropy", temperature=temperature
         )
     if off_policy:
         batch.old_logprobs = logp_img
     if kind == "visual_dependency":
-        fill = 0 if config.weighting.blank_fill == "black" else config.weighting.blank_fill
-        blank_images_ = blank_images(batch.images, fill)  # same sizes: the same image-token layout
+        rows = chosen.any(-1).nonzero().squeeze(-1)  # [R]  rows whose tokens get weights
+        if logp_img is None:
+            logp_img = _rows_logprobs(model, batch.seq, rows, micro, temperature)
+        fill = 0 if w.blank_fill == "black" else w.blank_fill
         blank = collate_sequences(
-            processor, batch.prompts, blank_images_, batch.responses, batch.max_response_tokens
+            processor,
+            [batch.prompts[r] for r in rows.tolist()],
+            blank_images([batch.images[r] for r in rows.tolist()], fill),  # same sizes: same token layout
+            [batch.responses[r] for r in rows.tolist()],
+            batch.max_response_tokens,
         )
-        logp_blank, _ = batched_logprobs(model, blank, micro, temperature=temperature)
+        logp_blank = _scatter_rows(
+            batched_logprobs(model, blank, micro, temperature=temperature)[0], rows, mask
+        )
     if ref_model is not None:
         batch.ref_logprobs, _ = batched_logprobs(ref_model, batch.seq, micro, temperature=temperature)
-    w = config.weighting
-    mask = batch.seq.response_mask
     batch.token_weights = compute_token_weights(
         kind,
         response_mask=mask,
@@ -155,8 +168,22 @@ def prepare_batch(
         method=w.normalise,
         top_k=w.top_k,
     )
-    chosen = selected_tokens(mask, w.apply_to, batch.expert_mask)
     return weight_stats(batch.token_weights, chosen, w_min=w.w_min, w_max=w.w_max)
+
+
+def _rows_logprobs(model: Any, seq: SequenceBatch, rows: Tensor, micro: int, temperature: float) -> Tensor:
+    """No-grad log-probs of `rows` only, as a [B, T] tensor (0 on the other rows)."""
+    part = batched_logprobs(model, seq.select(rows), micro, temperature=temperature)[0]  # [R, T']
+    return _scatter_rows(part, rows, seq.response_mask)
+
+
+def _scatter_rows(part: Tensor, rows: Tensor, like: Tensor) -> Tensor:
+    """[R, T'] values of `rows` placed in a [B, T] zero tensor shaped like `like` (columns align: right
+    padded sequences start at column 0)."""
+    full = torch.zeros(like.shape, dtype=torch.float32)
+    width = min(part.shape[1], like.shape[1])
+    full[rows, :width] = part[:, :width]
+    return full
 
 
 # -------------------------------------------------------------------------------------- objectives
