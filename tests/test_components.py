@@ -208,14 +208,25 @@ def test_register_step_writes_what_the_gate_reads(tmp_path, recipe, tiny_model_d
     registered = Model(uri=str(tmp_path / "reg2"))
     payload["benchmarks"]["synthetic"]["overall"]["accuracy"] = 0.05
     (results / "results.json").write_text(json.dumps(payload))
+    start = tmp_path / "start-eval"  # the start checkpoint's evaluation, handed to the gate
+    start.mkdir()
+    start_payload = json.loads(json.dumps(payload))
+    start_payload["benchmarks"]["synthetic"]["overall"]["accuracy"] = 0.125
+    (start / "results.json").write_text(json.dumps(start_payload))
+    report = HTML(uri=str(tmp_path / "report.html"))
     promoted = register_and_promote.python_func(
         config=recipe,
         pipeline_run_id="reg-1",
         checkpoint=Model(uri=str(tiny_model_dir)),
         eval_results=Artifact(uri=str(results)),
         registered=registered,
+        report=report,
+        baseline_results=Artifact(uri=str(start)),
     )
     assert promoted is False and registered.metadata["version"] == 2
+    assert registered.metadata["start_accuracy"] == 0.125 and registered.metadata["accuracy"] == 0.05
+    page = (tmp_path / "report.html").read_text()
+    assert "0.125 -&gt; 0.050" in page and "not promoted" in page
 
 
 def test_export_champion_publishes_the_checkpoint_and_tags_the_pipeline_run(

@@ -321,6 +321,28 @@ class TrainConfig(StepConfig):
         return self
 
 
+# ------------------------------------------------------------------------------------- cold start
+class ColdStartConfig(StepConfig):
+    """The SFT stage before RL: the policy learns the answer format and to read the image from the
+    filtered expert trajectories, so RL starts from a model whose samples earn reward. The rest of the
+    loop's settings (batching, checkpointing, seed) are `train`'s."""
+
+    steps: int = Field(
+        0, ge=0, le=10**7, strict=True, description="SFT updates before RL; 0 passes the base model through."
+    )
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdamW learning rate of the SFT updates.")
+    problems_per_step: int = Field(
+        32, ge=1, le=65536, strict=True, description="Problems per SFT update (their expert trajectories)."
+    )
+    warmup_steps: int = Field(0, ge=0, strict=True, description="Linear warm-up steps.")
+    checkpoint_every: int = Field(100, ge=1, strict=True, description="Checkpoint every N SFT updates.")
+
+    def train_config(self, train: TrainConfig) -> TrainConfig:
+        """`train` turned into the SFT run of this stage."""
+        updates = self.model_dump(exclude={"steps"}) | {"algorithm": "sft", "steps": max(self.steps, 1)}
+        return TrainConfig.model_validate({**train.model_dump(), **updates})
+
+
 # --------------------------------------------------------------------------------------------- eval
 class EvalConfig(StepConfig):
     samples: int = Field(1, ge=1, le=1024, strict=True, description="k samples per problem (avg@k, pass@k).")
@@ -367,6 +389,7 @@ class PipelineConfig(StepConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)

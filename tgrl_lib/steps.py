@@ -18,8 +18,6 @@ dicts are returned by the steps whose component logs them as KFP metrics.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import shutil
 import tempfile
@@ -31,6 +29,8 @@ from typing import Any
 from tgrl_lib.config import PipelineConfig, TrainConfig
 from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
+from tgrl_lib.evaluation import run_report
+from tgrl_lib.evaluation.run_report import markdown_page as report_html
 from tgrl_lib.recipe import load_config
 
 MODEL_REF = "model_ref.json"  # an init_model output that points at a model instead of holding it
@@ -113,42 +113,6 @@ def ensure_dataset(root: str | Path, kind: str, created_by: str) -> None:
 
     if not (Path(root) / MANIFEST).is_file():
         write_dataset(root, kind, [], created_by=created_by)
-
-
-def report_html(markdown_path: Path, images: list[Path], out_path: str | Path, title: str) -> None:
-    """A self-contained HTML page (KFP `HTML` artifact): the markdown report's headings, paragraphs and
-    tables, then the PNG plots inlined as data URLs."""
-    body = []
-    lines = markdown_path.read_text(encoding="utf-8").splitlines() if markdown_path.is_file() else []
-    table: list[list[str]] = []
-    for line in [*lines, ""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set("-: ") for c in cells):
-                table.append(cells)
-            continue
-        if table:
-            head, *rows = table
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>")
-            body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
-            body.append("</table>")
-            table = []
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")), 4)
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    for image in images:
-        data = base64.b64encode(image.read_bytes()).decode()
-        body.append(f'<p><img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}"></p>')
-    style = (
-        "body{font-family:sans-serif}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}"
-    )
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-    page += f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_path).write_text(page, encoding="utf-8")
 
 
 def _move_into(src: Path, dst: str | Path) -> None:
@@ -265,28 +229,54 @@ def train(
 ) -> dict[str, float]:
     """Train from the initial model (`tgrl_lib.rl.trainer.train`); the final checkpoint lands in `out_dir`.
 
-    `algorithm` ("" = the recipe's) overrides `train.algorithm`; grpo ignores `experts_dir`. Intermediate
-    checkpoints stay in a scratch directory: only the final model is a pipeline artifact. When the compiled
-    task carries a launch plan of several processes (`tgrl_lib.rl.launcher`: GPU profile, `--train-gpus`,
-    `--train-nodes`), the loop runs under `accelerate launch` or as a Kubeflow TrainJob instead of here.
+    `algorithm` ("" = the recipe's) overrides `train.algorithm`; grpo ignores `experts_dir`. When the
+    compiled task carries a launch plan of several processes (`tgrl_lib.rl.launcher`: GPU profile,
+    `--train-gpus`, `--train-nodes`), the loop runs under `accelerate launch` or as a Kubeflow TrainJob.
     """
-    from tgrl_lib.progress import step_printer
-    from tgrl_lib.rl.launcher import launch_training, launched_result, plan_from_env
-    from tgrl_lib.rl.trainer import train as run_training
-
     cfg = load_recipe(config)
     updates: dict[str, Any] = {"model": resolve_model(base_model_dir)}
     if algorithm:
         updates["algorithm"] = algorithm
-    with tempfile.TemporaryDirectory(prefix="tgrl-train-") as scratch:
-        updates["output_dir"] = scratch
-        try:
-            tcfg = TrainConfig.model_validate({**cfg.train.model_dump(), **updates})
-        except ValueError as err:
-            raise TgrlError(f"invalid train override: {err}") from None
+    try:
+        tcfg = TrainConfig.model_validate({**cfg.train.model_dump(), **updates})
+    except ValueError as err:
+        raise TgrlError(f"invalid train override: {err}") from None
+    return _train_stage(cfg, tcfg, pipeline_run_id, "train", problems_dir, experts_dir, out_dir)
+
+
+def cold_start(
+    config: str, pipeline_run_id: str, base_model_dir: str, problems_dir: str, experts_dir: str, out_dir: str
+) -> dict[str, float]:
+    """The SFT stage before RL (recipe `cold_start`): supervised updates on the filtered experts from the
+    base model; `cold_start.steps: 0` passes it through (a base model that follows the format already)."""
+    cfg = load_recipe(config)
+    if cfg.cold_start.steps == 0:  # a copy, not a local path: on a cluster the next step runs elsewhere
+        shutil.copytree(base_model_dir, out_dir, dirs_exist_ok=True)
+        return {"steps_done": 0.0}
+    tcfg = cfg.cold_start.train_config(cfg.train.model_copy(update={"model": resolve_model(base_model_dir)}))
+    return _train_stage(cfg, tcfg, pipeline_run_id, "cold_start", problems_dir, experts_dir, out_dir)
+
+
+def _train_stage(
+    cfg: PipelineConfig,
+    tcfg: TrainConfig,
+    pipeline_run_id: str,
+    stage: str,
+    problems_dir: str,
+    experts_dir: str,
+    out_dir: str,
+) -> dict[str, float]:
+    """One training run of `stage` (train, cold_start) as the step's MLflow child run; the final checkpoint
+    (with the per-step metrics, TRAIN_HISTORY) goes to `out_dir`, intermediate ones stay in scratch."""
+    from tgrl_lib.progress import step_printer
+    from tgrl_lib.rl.launcher import launch_training, launched_result, plan_from_env
+    from tgrl_lib.rl.trainer import train as run_training
+
+    with tempfile.TemporaryDirectory(prefix=f"tgrl-{stage}-") as scratch:
+        tcfg = tcfg.model_copy(update={"output_dir": scratch})
         experts = experts_dir if experts_dir and tcfg.algorithm != "grpo" else None
         plan = plan_from_env()
-        with step_run(cfg, pipeline_run_id, "train") as run:
+        with step_run(cfg, pipeline_run_id, stage) as run:
             run.log_config(tcfg, section="train")
             if plan is not None and plan.processes > 1:
                 config, work = tcfg.model_dump(mode="json"), Path(scratch)
@@ -299,14 +289,16 @@ def train(
                     problems_dir=problems_dir,
                     experts_dir=experts,
                     logger=run.metrics_logger(),
-                    on_step=step_printer(tcfg.steps, prefix="train step"),
+                    on_step=step_printer(tcfg.steps, prefix=f"{stage.replace('_', ' ')} step"),
                 )
             _move_into(Path(result.final_dir), out_dir)
+            if (history := Path(scratch) / "metrics.jsonl").is_file():
+                shutil.copy2(history, Path(out_dir) / run_report.TRAIN_HISTORY)
             out = {"steps_done": float(result.steps_done)}
             out.update({k: v for k, v in numbers(result.metrics).items() if k not in out})
             run.log_metrics({f"final/{k}": v for k, v in out.items()})
-            run.log_artifacts([Path(scratch) / "metrics.jsonl"], "train")  # the per-step table, kept
-            publish(pipeline_run_id, "train", {"checkpoint": out_dir}, checkpoint=True)
+            run.log_artifacts([Path(scratch) / "metrics.jsonl"], stage)  # the per-step table, kept
+            publish(pipeline_run_id, stage, {"checkpoint": out_dir}, checkpoint=True)
     return out
 
 
@@ -334,13 +326,28 @@ def _evaluate_into(
 
 
 def evaluate(
-    config: str, pipeline_run_id: str, model_dir: str, problems_dir: str, results_dir: str, report_path: str
+    config: str,
+    pipeline_run_id: str,
+    model_dir: str,
+    problems_dir: str,
+    results_dir: str,
+    report_path: str,
+    stage: str = "evaluate",
+    train_dir: str = "",
 ) -> dict[str, float]:
-    """Evaluate the trained checkpoint on the held-out problems (`tgrl_lib.evaluation.run.evaluate`)."""
+    """Evaluate a checkpoint on the held-out problems (`tgrl_lib.evaluation.run.evaluate`): the trained one
+    (`stage="evaluate"`) or the start model (`"evaluate_start"`). With the train problems (`train_dir`),
+    the blind prior (`tgrl_lib.evaluation.blind_prior`) goes beside the results and into the metrics."""
     cfg = load_recipe(config)
-    with step_run(cfg, pipeline_run_id, "evaluate") as run:
-        metrics, primary = _evaluate_into(cfg, run, model_dir, problems_dir, results_dir, report_path)
-        publish(pipeline_run_id, "evaluate", {"results": results_dir})
+    model = resolve_model(model_dir)
+    with step_run(cfg, pipeline_run_id, stage) as run:
+        metrics, primary = _evaluate_into(cfg, run, model, problems_dir, results_dir, report_path)
+        if train_dir:
+            from tgrl_lib.evaluation.blind_prior import write_blind_prior
+
+            metrics["blind_prior"] = write_blind_prior(train_dir, problems_dir, results_dir)["accuracy"]
+            run.log_metrics({"blind_prior/accuracy": metrics["blind_prior"]})
+        publish(pipeline_run_id, stage, {"results": results_dir})
     return {**metrics, "primary": primary}
 
 
@@ -352,22 +359,25 @@ def register_and_promote(
     registered_dir: str,
     model_name: str = "",
     name_suffix: str = "",
+    baseline_dir: str = "",
+    report_path: str = "",
 ) -> dict[str, Any]:
     """Register the checkpoint with its eval metrics and run the promotion gate (`tgrl_lib.mlops.registry`).
 
-    Name: `model_name`, else `promote.model_name + name_suffix`. Writes `registered.json` (name, version,
-    URI, decision, reason) to `registered_dir` and returns the same dict.
+    Name: `model_name`, else `promote.model_name + name_suffix`. `baseline_dir`: the start checkpoint's
+    evaluation (`evaluate_start`), recorded as `start_<metric>`. Writes `registered.json` (name, version,
+    URI, decision, reason) to `registered_dir`, returns the same dict, and the run report to `report_path`.
     """
     from tgrl_lib.evaluation.run import flat_metrics
     from tgrl_lib.mlops.registry import promote, register_checkpoint
 
     cfg = load_recipe(config)
     name = model_name or cfg.promote.model_name + name_suffix
-    results_file = Path(eval_dir) / "results.json"
-    if not results_file.is_file():
+    if (results := run_report.read_results(eval_dir)) is None:
         raise TgrlError("no results.json in the evaluation output", path=eval_dir)
-    results = json.loads(results_file.read_text(encoding="utf-8"))
     eval_metrics = flat_metrics(results["benchmarks"])
+    primary_key = cfg.promote.primary_metric
+    start = run_report.overall(run_report.read_results(baseline_dir), primary_key) if baseline_dir else None
     with step_run(cfg, pipeline_run_id, "register_and_promote") as run:
         run.log_config(cfg.promote, section="promote")
         version = register_checkpoint(model_dir, name, run.run_id, eval_metrics)
@@ -381,13 +391,19 @@ def register_and_promote(
             "model_uri": f"models:/{name}/{version.version}",
             "promoted": bool(decision.promoted),
             "reason": str(decision.reason),
+            primary_key: run_report.overall(results, primary_key),
         }
-        run.log_metrics(
-            {"promote/promoted": float(out["promoted"]), "promote/version": float(out["version"])}
-        )
+        out |= {f"start_{primary_key}": start} if start is not None else {}
+        run.log_metrics({f"promote/{k}": float(v) for k, v in out.items() if isinstance(v, int | float)})
         run.set_parent_tags({"tgrl.model_version": out["model_uri"], "tgrl.promoted": str(out["promoted"])})
     Path(registered_dir).mkdir(parents=True, exist_ok=True)
     (Path(registered_dir) / REGISTERED).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    if report_path:
+        name = f"{cfg.name} {{algorithm}} {pipeline_run_id}"
+        summary = run_report.summary_from_dirs(
+            name, model_dir, eval_dir, baseline_dir or None, out, default_algorithm=cfg.train.algorithm
+        )
+        run_report.write_run_report(summary, report_path)
     return out
 
 

@@ -133,7 +133,7 @@ def run_local(
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_STEP_LINE = re.compile(r"^\s*(train step \d+/\d+.*)$")
+_STEP_LINE = re.compile(r"^\s*((?:cold start|train) step \d+/\d+.*)$")
 
 
 def progress_line(line: str, started: dict[str, float], now: float) -> str | None:
