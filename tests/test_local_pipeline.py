@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "data.n_train=16",
     "data.n_test=8",
+    "cold_start.steps=2",
+    "cold_start.problems_per_step=2",
     "train.steps=2",
     "train.problems_per_step=2",
     "train.group_size=2",
@@ -71,7 +73,10 @@ def test_local_pipeline_registers_a_version_and_writes_the_report(
     registered = json.loads((results / "registered.json").read_text())
     assert registered["version"] >= 1 and registered["model_uri"].startswith("models:/")
     assert (results / "eval" / "results.json").is_file() and (results / "eval" / "report.md").is_file()
-    assert (results / "report.html").read_text().startswith("<!doctype html>")
+    page = (results / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "start -&gt; final" in page
+    assert "start_accuracy" in registered  # the start checkpoint went through the same evaluation
+    assert "cold start step 2/2" in out and "blind prior   accuracy" in out
     assert any((results / "checkpoint").iterdir())
     uri = server or f"sqlite:///{work / 'mlflow.db'}"
     assert (f"browse        {uri}" if server else f"mlflow ui --backend-store-uri {uri}") in out

@@ -49,6 +49,7 @@ class LocalRunResult:
     wall_s: float
     log: Path | None = None
     scores: dict[str, dict[str, float]] | None = None  # benchmark -> its overall eval metrics
+    blind_prior: float | None = None  # the train split's most frequent answer per type, on the held-out split
 
     def summary(self) -> str:
         reg = self.registered
@@ -58,8 +59,16 @@ class LocalRunResult:
             shown = [f"accuracy {m.get('accuracy', float('nan')):.3f}"]
             shown += [f"{k} {m[k]:.3f}" for k in ("grounding", "evidence_use", "format_rate") if k in m]
             lines.append(f"  {name:<13} {', '.join(shown)} ({int(m.get('count', 0))} held-out problems)")
+        if self.blind_prior is not None:
+            lines.append(
+                f"  blind prior   accuracy {self.blind_prior:.3f} (train split's majority answer per type)"
+            )
+        if "start_accuracy" in reg and "accuracy" in reg:
+            lines.append(
+                f"  start model   accuracy {reg['start_accuracy']:.3f} -> {reg['accuracy']:.3f} trained"
+            )
         lines += [
-            f"  eval report   {self.report}",
+            f"  run report    {self.results_dir / 'report.html'}",
             f"  checkpoint    {self.checkpoint}",
             f"  registered    {reg.get('model_uri', '?')} ({alias}: {reg.get('reason', '')})",
             f"  all results   {self.results_dir}",
@@ -248,8 +257,10 @@ def collect_results(
     staged.symlink_to(results_dir.name)
     staged.replace(latest)  # atomic: a reader sees the old run or the new one
     scores = _overall_scores(eval_dir / "results.json")
+    prior = eval_dir / "blind_prior.json"
     return LocalRunResult(
         scores=scores,
+        blind_prior=json.loads(prior.read_text(encoding="utf-8"))["accuracy"] if prior.is_file() else None,
         results_dir=results_dir,
         report=report,
         checkpoint=checkpoint,
