@@ -18,6 +18,7 @@ from tgrl_lib.kfp_components.prepare_data import prepare_data
 
 from tgrl_lib import steps
 from tgrl_lib.data.schema import load_dataset, validate_dataset
+from tgrl_lib.evaluation.run_report import markdown_page
 
 N_TRAIN, N_TEST = 12, 6
 
@@ -101,7 +102,7 @@ def test_report_html_renders_tables_and_inlines_plots(tmp_path):
     md.write_text("# Eval <x>\n\nsome text\n\n| a | b |\n|---|---|\n| 1 | 0.5 |\n")
     png = tmp_path / "plot.png"
     png.write_bytes(b"\x89PNG fake")
-    steps.report_html(md, [png], tmp_path / "out.html", "T")
+    markdown_page(md, [png], tmp_path / "out.html", "T")
     page = (tmp_path / "out.html").read_text()
     assert "<h1>Eval &lt;x&gt;</h1>" in page and "<th>a</th>" in page and "<td>0.5</td>" in page
     assert "data:image/png;base64," in page and "---" not in page

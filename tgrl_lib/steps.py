@@ -30,7 +30,7 @@ from tgrl_lib.config import PipelineConfig, TrainConfig
 from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
 from tgrl_lib.evaluation import run_report
-from tgrl_lib.evaluation.run_report import markdown_page as report_html
+from tgrl_lib.mlops.tracking import config_hash, dataset_sha256, numbers
 from tgrl_lib.recipe import load_config
 
 MODEL_REF = "model_ref.json"  # an init_model output that points at a model instead of holding it
@@ -88,19 +88,6 @@ def resolve_model(model_dir: str | Path) -> str:
     return str(model_dir)
 
 
-def numbers(report: Any, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a report (dict or pydantic model), flattened with '/'; bools become 0/1."""
-    if hasattr(report, "model_dump"):
-        report = report.model_dump()
-    out: dict[str, float] = {}
-    if isinstance(report, dict):
-        for key, value in report.items():
-            out.update(numbers(value, f"{prefix}{key}/"))
-    elif isinstance(report, bool | int | float) and prefix:
-        out[prefix.rstrip("/")] = float(report)
-    return out
-
-
 def dataset_count(root: str | Path) -> int:
     from tgrl_lib.data.schema import read_manifest
 
@@ -145,6 +132,7 @@ def prepare_data(config: str, pipeline_run_id: str, train_dir: str, test_dir: st
         out = {"n_train": float(dataset_count(train_dir)), "n_test": float(dataset_count(test_dir))}
         run.log_metrics(out)
         run.log_dataset_tags({"train": train_dir, "test": test_dir})
+        run.parent().log_params({"data.train_sha256": dataset_sha256(train_dir), "recipe": cfg.name})
         publish(pipeline_run_id, "prepare_data", {"train_problems": train_dir, "test_problems": test_dir})
     return out
 
@@ -163,6 +151,7 @@ def init_model(config: str, pipeline_run_id: str, base_model: str, out_dir: str)
         else:
             (Path(out_dir) / MODEL_REF).write_text(json.dumps({"uri": source}) + "\n", encoding="utf-8")
         run.log_params({"init_model.source": source})
+        run.parent().log_params({"model": source})
     return {"source": source, "built": source == "tiny"}
 
 
@@ -212,9 +201,10 @@ def filter_trajectories(
         run.log_metrics(out)
         files = sorted(Path(kept_dir).glob("report*")) + sorted(Path(rejected_dir).glob("report*"))
         md = next((f for f in files if f.suffix == ".md"), Path(kept_dir) / "report.md")
-        report_html(md, [f for f in files if f.suffix == ".png"], report_path, "Trajectory filtering")
+        run_report.markdown_page(md, [f for f in files if f.suffix == ".png"], report_path, "Filtering")
         run.log_artifacts([*files, Path(report_path)], "filter")
         publish(pipeline_run_id, "filter", {"kept": kept_dir, "rejected": rejected_dir})
+        run.parent().log_params({"data.experts_sha256": dataset_sha256(kept_dir)})
     return out
 
 
@@ -266,8 +256,7 @@ def _train_stage(
     experts_dir: str,
     out_dir: str,
 ) -> dict[str, float]:
-    """One training run of `stage` (train, cold_start) as the step's MLflow child run; the final checkpoint
-    (with the per-step metrics, TRAIN_HISTORY) goes to `out_dir`, intermediate ones stay in scratch."""
+    """Train `stage` (train, cold_start) in its MLflow child run; final checkpoint + metrics -> `out_dir`."""
     from tgrl_lib.progress import step_printer
     from tgrl_lib.rl.launcher import launch_training, launched_result, plan_from_env
     from tgrl_lib.rl.trainer import train as run_training
@@ -277,7 +266,12 @@ def _train_stage(
         experts = experts_dir if experts_dir and tcfg.algorithm != "grpo" else None
         plan = plan_from_env()
         with step_run(cfg, pipeline_run_id, stage) as run:
-            run.log_config(tcfg, section="train")
+            run.log_config(
+                tcfg.model_dump(mode="json", exclude={"output_dir"}), section="train"
+            )  # no scratch
+            if stage == "train":  # the pipeline's algorithm names its parent run
+                key = {"algorithm": tcfg.algorithm, "config_hash": config_hash(cfg), "lr": tcfg.lr}
+                run.describe_parent(f"{cfg.name}-{tcfg.algorithm}-{pipeline_run_id[:12]}", key, key)
             if plan is not None and plan.processes > 1:
                 config, work = tcfg.model_dump(mode="json"), Path(scratch)
                 launched = launch_training(plan, config, problems_dir, experts, work, pipeline_run_id)
@@ -297,6 +291,7 @@ def _train_stage(
             out = {"steps_done": float(result.steps_done)}
             out.update({k: v for k, v in numbers(result.metrics).items() if k not in out})
             run.log_metrics({f"final/{k}": v for k, v in out.items()})
+            run.parent().log_metrics({f"{stage}/steps": out["steps_done"]})
             run.log_artifacts([Path(scratch) / "metrics.jsonl"], stage)  # the per-step table, kept
             publish(pipeline_run_id, stage, {"checkpoint": out_dir}, checkpoint=True)
     return out
@@ -320,7 +315,7 @@ def _evaluate_into(
     primary = sum(values) / len(values)
     run.log_metrics({**metrics, f"primary/{primary_key}": primary})
     out = Path(results_dir)
-    report_html(out / "report.md", sorted(out.glob("*.png")), report_path, "Evaluation")
+    run_report.markdown_page(out / "report.md", sorted(out.glob("*.png")), report_path, "Evaluation")
     run.log_artifacts(sorted(p for p in out.iterdir() if p.is_file()) + [Path(report_path)], "eval")
     return metrics, primary
 
@@ -380,7 +375,9 @@ def register_and_promote(
     start = run_report.overall(run_report.read_results(baseline_dir), primary_key) if baseline_dir else None
     with step_run(cfg, pipeline_run_id, "register_and_promote") as run:
         run.log_config(cfg.promote, section="promote")
-        version = register_checkpoint(model_dir, name, run.run_id, eval_metrics)
+        links = {"eval_run_id": run.sibling_run_id("evaluate"), "register_run_id": run.run_id}
+        train_run = run.sibling_run_id("train") or run.run_id  # the version's source run: the train run
+        version = register_checkpoint(model_dir, name, train_run, eval_metrics, tags=links)
         decision = promote(
             name, version.version, primary=cfg.promote.primary_metric, margin=cfg.promote.margin,
             max_regression=cfg.promote.max_regression,
@@ -396,6 +393,9 @@ def register_and_promote(
         out |= {f"start_{primary_key}": start} if start is not None else {}
         run.log_metrics({f"promote/{k}": float(v) for k, v in out.items() if isinstance(v, int | float)})
         run.set_parent_tags({"tgrl.model_version": out["model_uri"], "tgrl.promoted": str(out["promoted"])})
+        keys = ("accuracy", "grounding", "evidence_use", "format_rate")
+        final = {k: v for k in keys if (v := run_report.overall(results, k)) is not None}
+        run.parent().log_metrics(final | ({f"start_{primary_key}": start} if start is not None else {}))
     Path(registered_dir).mkdir(parents=True, exist_ok=True)
     (Path(registered_dir) / REGISTERED).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     if report_path:
