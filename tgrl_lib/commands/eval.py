@@ -20,7 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(true / stated visual facts). Greedy with k=1 by default."
         ),
     )
-    parser.add_argument("--model", required=True, help="model directory, file:// or s3:// URI")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model directory, file:// or s3:// URI, or a registered version: models:/NAME/VERSION or "
+        "models:/NAME@ALIAS (downloaded from MLflow: --tracking-uri or $MLFLOW_TRACKING_URI)",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow for models:/ URIs and for logging this evaluation")
     parser.add_argument(
         "--benchmark",
         action="append",
@@ -66,7 +72,9 @@ def _run(args: argparse.Namespace) -> int:
     }
     flags = {k: v for k, v in flags.items() if v is not None}
     config = load_config(args.config, EvalConfig, args.overrides, section="eval", flags=flags)
-    results = evaluate(args.model, benchmarks, config, args.out)
+    from tgrl_lib.mlops.model_uri import local_model
+
+    results = evaluate(local_model(args.model, tracking_uri=args.tracking_uri), benchmarks, config, args.out)
     print(markdown_table(results["benchmarks"]), end="")
     print(f"tgrl eval: report in {args.out}/report.md, results in {args.out}/results.json")
     return 0

@@ -18,7 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "works without vLLM. Images must be inline base64 data URLs; one request is generated at a time."
         ),
     )
-    parser.add_argument("--model", required=True, help="model directory (safetensors), or s3:// URI")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model directory (safetensors), s3:// URI, or models:/NAME/VERSION | models:/NAME@ALIAS",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow for models:/ URIs (default $MLFLOW_TRACKING_URI)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     parser.add_argument(
@@ -33,10 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from tgrl_lib.generation.serve import serve
+    from tgrl_lib.mlops.model_uri import local_model
 
+    model = local_model(args.model, tracking_uri=args.tracking_uri)
     try:
         serve(
-            args.model,
+            model,
             args.host,
             args.port,
             served_name=args.served_model_name,
