@@ -338,8 +338,10 @@ class ColdStartConfig(StepConfig):
     checkpoint_every: int = Field(100, ge=1, strict=True, description="Checkpoint every N SFT updates.")
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
-        """`train` turned into the SFT run of this stage."""
+        """`train` turned into the SFT run of this stage, without token weights: the base policy's visual
+        dependency is noise before it reads the image (the measured warm start, ANCHORS.md, is unweighted)."""
         updates = self.model_dump(exclude={"steps"}) | {"algorithm": "sft", "steps": max(self.steps, 1)}
+        updates["weighting"] = {**train.weighting.model_dump(), "kind": "none"}
         return TrainConfig.model_validate({**train.model_dump(), **updates})
 
 
