@@ -80,3 +80,22 @@ def test_serve_takes_a_registered_model(registry, tmp_path):
         assert [m["id"] for m in served["data"]] == ["tiny"]
     finally:
         server.stop()
+
+
+def test_cli_defaults_are_the_recipes(tmp_path, monkeypatch):
+    """Run from a checkout, `tgrl eval` and `tgrl train` read configs/tiny-cpu.yaml as `pipeline run` does
+    (eval answered with 64 new tokens where the pipeline used 48); elsewhere the model defaults hold."""
+    from pathlib import Path
+
+    from tgrl_lib.commands.eval import default_recipe
+    from tgrl_lib.config import EvalConfig, TrainConfig
+    from tgrl_lib.recipe import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    recipe = load_config("configs/tiny-cpu.yaml")
+    assert load_config(default_recipe(None), EvalConfig, section="eval") == recipe.eval
+    assert load_config(default_recipe(None), TrainConfig, section="train") == recipe.train
+    assert default_recipe("other.yaml") == "other.yaml"
+    monkeypatch.chdir(tmp_path)  # positive control: no checkout, no recipe
+    assert default_recipe(None) is None

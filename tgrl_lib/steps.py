@@ -375,7 +375,7 @@ def register_and_promote(
     start = run_report.overall(run_report.read_results(baseline_dir), primary_key) if baseline_dir else None
     with step_run(cfg, pipeline_run_id, "register_and_promote") as run:
         run.log_config(cfg.promote, section="promote")
-        links = {"eval_run_id": run.sibling_run_id("evaluate"), "register_run_id": run.run_id}
+        links = {"tgrl.eval_run_id": run.sibling_run_id("evaluate"), "tgrl.register_run_id": run.run_id}
         train_run = run.sibling_run_id("train") or run.run_id  # the version's source run: the train run
         version = register_checkpoint(model_dir, name, train_run, eval_metrics, tags=links)
         decision = promote(

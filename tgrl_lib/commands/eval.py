@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tgrl_lib.commands import add_overrides
 
@@ -35,7 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a problems dataset to evaluate on, named NAME in the report (repeatable)",
     )
     parser.add_argument("--out", required=True, help="output directory for the report")
-    parser.add_argument("--config", help="recipe YAML (its `eval:` section) or a file of eval keys")
+    parser.add_argument(
+        "--config",
+        help="recipe YAML (its `eval:` section) or a file of eval keys (default: configs/tiny-cpu.yaml if "
+        "present, as `tgrl pipeline run`, so both evaluate alike)",
+    )
     add_overrides(parser, "--set samples=8 --set sampling.temperature=0.7")
     parser.add_argument("--samples", type=int, help="k samples per problem (eval.samples)")
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy")
@@ -44,6 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=("hf", "vllm"), help="generation backend (default hf)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N problems of each benchmark")
     parser.set_defaults(func=_run)
+
+
+DEFAULT_RECIPE = Path("configs/tiny-cpu.yaml")
+
+
+def default_recipe(config: str | None) -> str | None:
+    """`config`, else the tiny recipe when run from a checkout (the defaults `tgrl pipeline run` uses)."""
+    return config if config is not None else str(DEFAULT_RECIPE) if DEFAULT_RECIPE.is_file() else None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -71,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         "limit": args.limit,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
-    config = load_config(args.config, EvalConfig, args.overrides, section="eval", flags=flags)
+    config = load_config(default_recipe(args.config), EvalConfig, args.overrides, section="eval", flags=flags)
     from tgrl_lib.mlops.model_uri import local_model
 
     results = evaluate(local_model(args.model, tracking_uri=args.tracking_uri), benchmarks, config, args.out)
