@@ -58,6 +58,13 @@ def test_eval_takes_a_registered_model(registry, problems, tmp_path, capsys, uri
     results = json.loads((out / "results.json").read_text())
     assert results["benchmarks"]["synthetic"]["overall"]["count"] == 2
     assert "/cache/models/tiny-cli/v1" in results["meta"]["model"]
+    from mlflow import MlflowClient  # a tracking URI is set: the evaluation is an MLflow run
+
+    client = MlflowClient(tracking_uri=registry)
+    experiment = client.get_experiment_by_name("tgrl-eval").experiment_id
+    (run,) = client.search_runs([experiment], f"params.`eval.model` = '{uri}'")
+    assert run.data.metrics["synthetic.count"] == 2 and "synthetic.accuracy" in run.data.metrics
+    assert run.data.params["eval.sampling.max_new_tokens"] == "8"
 
 
 def test_an_unknown_alias_is_one_clear_error(registry, problems, tmp_path, capsys):

@@ -27,7 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model directory, file:// or s3:// URI, or a registered version: models:/NAME/VERSION or "
         "models:/NAME@ALIAS (downloaded from MLflow: --tracking-uri or $MLFLOW_TRACKING_URI)",
     )
-    parser.add_argument("--tracking-uri", help="MLflow for models:/ URIs and for logging this evaluation")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow for models:/ URIs; with it (or $MLFLOW_TRACKING_URI) the evaluation is logged as a run",
+    )
+    parser.add_argument("--experiment", default="tgrl-eval", help="MLflow experiment of the logged run")
     parser.add_argument(
         "--benchmark",
         action="append",
@@ -62,7 +66,7 @@ def default_recipe(config: str | None) -> str | None:
 def _run(args: argparse.Namespace) -> int:
     from tgrl_lib.config import EvalConfig
     from tgrl_lib.errors import TgrlError
-    from tgrl_lib.evaluation.run import evaluate, markdown_table
+    from tgrl_lib.evaluation.run import evaluate, flat_metrics, markdown_table
     from tgrl_lib.recipe import load_config
 
     benchmarks: dict[str, str] = {}
@@ -85,9 +89,25 @@ def _run(args: argparse.Namespace) -> int:
     }
     flags = {k: v for k, v in flags.items() if v is not None}
     config = load_config(default_recipe(args.config), EvalConfig, args.overrides, section="eval", flags=flags)
+    from tgrl_lib.env import read_env
     from tgrl_lib.mlops.model_uri import local_model
 
-    results = evaluate(local_model(args.model, tracking_uri=args.tracking_uri), benchmarks, config, args.out)
+    model = local_model(args.model, tracking_uri=args.tracking_uri)
+    uri = args.tracking_uri or read_env("MLFLOW_TRACKING_URI")
+    if uri:  # logged like a pipeline's evaluate step: a child run under a parent of its own
+        import uuid
+
+        from tgrl_lib.mlops.tracking import Tracker
+
+        tracker = Tracker(tracking_uri=uri, experiment=args.experiment)
+        with tracker.step_run(uuid.uuid4().hex[:12], "eval", pipeline="tgrl-eval") as run:
+            run.log_config(config, section="eval")
+            run.log_params({"eval.model": args.model})
+            results = evaluate(model, benchmarks, config, args.out)
+            run.log_metrics(flat_metrics(results["benchmarks"]))
+            run.log_artifacts(args.out, "eval")
+    else:
+        results = evaluate(model, benchmarks, config, args.out)
     print(markdown_table(results["benchmarks"]), end="")
     print(f"tgrl eval: report in {args.out}/report.md, results in {args.out}/results.json")
     return 0
