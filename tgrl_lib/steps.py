@@ -266,12 +266,12 @@ def _train_stage(
         experts = experts_dir if experts_dir and tcfg.algorithm != "grpo" else None
         plan = plan_from_env()
         with step_run(cfg, pipeline_run_id, stage) as run:
-            run.log_config(
-                tcfg.model_dump(mode="json", exclude={"output_dir"}), section="train"
-            )  # no scratch
+            logged = tcfg.model_dump(mode="json", exclude={"output_dir"})  # no scratch paths
+            run.log_config(logged, section="train")
             if stage == "train":  # the pipeline's algorithm names its parent run
                 key = {"algorithm": tcfg.algorithm, "config_hash": config_hash(cfg), "lr": tcfg.lr}
-                run.describe_parent(f"{cfg.name}-{tcfg.algorithm}-{pipeline_run_id[:12]}", key, key)
+                name = f"{cfg.name}-{tcfg.algorithm}-{pipeline_run_id[:12]}"
+                run.describe_parent(name, key, {"tgrl.algorithm": tcfg.algorithm})
             if plan is not None and plan.processes > 1:
                 config, work = tcfg.model_dump(mode="json"), Path(scratch)
                 launched = launch_training(plan, config, problems_dir, experts, work, pipeline_run_id)
