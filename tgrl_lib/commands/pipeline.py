@@ -53,27 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.set_defaults(func=_run)
 
-    submit = sub.add_parser(
-        "submit",
-        help="Start one run of a pipeline on a Kubeflow Pipelines backend now (see `tgrl schedule`).",
-        description="Compile the pipeline (--profile, images) and start one run with the recipe's YAML as "
-        "its config parameter, in an experiment. For recurring runs use `tgrl schedule create`.",
-    )
-    submit.add_argument(
-        "--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888"
-    )
-    submit.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP only).")
-    submit.add_argument("--config", help="Recipe YAML passed as the config parameter (validated first).")
-    submit.add_argument("--pipeline", default="tgrl_pipeline", choices=PIPELINE_NAMES, help="Which pipeline.")
-    submit.add_argument("--name", help="Run name (default: <pipeline>-<recipe name>).")
-    submit.add_argument("--experiment", default="tgrl", help="KFP experiment (created if absent).")
-    submit.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="Resource profile.")
-    submit.add_argument("--image", help="CPU image reference.")
-    submit.add_argument("--cuda-image", help="CUDA image reference (gpu profile).")
-    submit.add_argument(
-        "--param", action="append", default=[], metavar="KEY=VALUE", help="Pipeline parameter (repeatable)."
-    )
-    submit.set_defaults(func=_submit)
+    _register_submit(sub)
 
     comp = sub.add_parser(
         "compile",
@@ -110,6 +90,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--pipeline", action="append", choices=PIPELINE_NAMES, help="Compile only this one (repeatable)."
     )
     comp.set_defaults(func=_compile)
+
+
+def _register_submit(sub: argparse._SubParsersAction) -> None:
+    submit = sub.add_parser(
+        "submit",
+        help="Start one run of a pipeline on a Kubeflow Pipelines backend now (see `tgrl schedule`).",
+        description="Compile the pipeline (--profile, images) and start one run with the recipe's YAML as "
+        "its config parameter, in an experiment. For recurring runs use `tgrl schedule create`.",
+    )
+    submit.add_argument(
+        "--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888"
+    )
+    submit.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP only).")
+    submit.add_argument("--config", help="Recipe YAML passed as the config parameter (validated first).")
+    submit.add_argument("--pipeline", default="tgrl_pipeline", choices=PIPELINE_NAMES, help="Which pipeline.")
+    submit.add_argument("--name", help="Run name (default: <pipeline>-<recipe name>).")
+    submit.add_argument("--experiment", default="tgrl", help="KFP experiment (created if absent).")
+    submit.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="Resource profile.")
+    submit.add_argument("--image", help="CPU image reference.")
+    submit.add_argument("--cuda-image", help="CUDA image reference (gpu profile).")
+    submit.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="Pipeline parameter (repeatable)."
+    )
+    submit.set_defaults(func=_submit)
 
 
 def _run(args: argparse.Namespace) -> int:
