@@ -14,12 +14,18 @@ def evaluate(
     results: Output[Artifact],
     report: Output[HTML],
     metrics: Output[Metrics],
+    stage: str = "evaluate",
+    train_problems: Input[Dataset] = None,
 ) -> float:
     """Write results.json, report.md and plots to `results`, the report to `report`; returns the primary
-    metric (mean over benchmarks)."""
+    metric (mean over benchmarks). `stage` names the MLflow child run (`evaluate_start`: the start model);
+    with `train_problems` the blind prior is written beside the results."""
     from tgrl_lib import steps
 
-    out = steps.evaluate(config, pipeline_run_id, checkpoint.path, problems.path, results.path, report.path)
+    train_dir = train_problems.path if train_problems is not None else ""
+    out = steps.evaluate(
+        config, pipeline_run_id, checkpoint.path, problems.path, results.path, report.path, stage, train_dir
+    )
     for key, value in out.items():
         metrics.log_metric(key, value)
     return float(out["primary"])

@@ -67,8 +67,10 @@ _CPU = {
     "init_model": Resources("1", "2Gi"),
     "generate": Resources("2", "8Gi"),
     "filter_trajectories": Resources("2", "8Gi"),
+    "cold_start": Resources("4", "16Gi"),
     "train": Resources("4", "16Gi"),
     "evaluate": Resources("2", "8Gi"),
+    "evaluate_start": Resources("2", "8Gi"),
     "register_and_promote": Resources("1", "2Gi"),
     "export_champion": Resources("1", "2Gi"),
     "evaluate_registered": Resources("2", "8Gi"),
@@ -77,10 +79,22 @@ _GPU = {
     **_CPU,
     "generate": Resources("8", "64Gi", gpus=1, shm="16Gi"),
     "filter_trajectories": Resources("8", "48Gi", gpus=1, shm="8Gi"),
+    "cold_start": Resources("16", "128Gi", gpus=1, shm="32Gi"),
     "train": Resources("16", "128Gi", gpus=1, shm="32Gi"),
     "evaluate": Resources("8", "64Gi", gpus=1, shm="16Gi"),
+    "evaluate_start": Resources("8", "64Gi", gpus=1, shm="16Gi"),
     "evaluate_registered": Resources("8", "64Gi", gpus=1, shm="16Gi"),
 }
+
+
+# Steps that may simply run again after a pod loss: they rewrite their outputs from their inputs (train
+# resumes from its newest checkpoint). register_and_promote is not among them: a rerun would register a
+# second version.
+RETRYABLE = {
+    "prepare_data", "init_model", "generate", "filter_trajectories", "cold_start", "train", "evaluate",
+    "evaluate_start", "export_champion", "evaluate_registered",
+}  # fmt: skip
+RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,8 @@ class Placement:
         if plan is not None and plan["nodes"] > 1:
             kubernetes.mount_pvc(task, pvc_name=TRAIN_VOLUME, mount_path=TRAIN_MOUNT)
         task.set_caching_options(enable_caching=False)
+        if step in RETRYABLE:
+            task.set_retry(num_retries=RETRIES, backoff_duration="30s", backoff_factor=2.0)
         kubernetes.use_secret_as_env(task, MLFLOW_SECRET, MLFLOW_KEYS, optional=False)
         kubernetes.use_secret_as_env(task, S3_SECRET, S3_KEYS, optional=True)
         return task

@@ -1,5 +1,5 @@
-"""The tail every training pipeline shares: evaluate the trained checkpoint -> register + gate -> (only if
-promoted) export the champion.
+"""The tail every training pipeline shares: evaluate the trained checkpoint and the start checkpoint (same
+evaluation) -> register + gate (given both results) -> (only if promoted) export the champion.
 
 The gate is explicit in the graph: `register_and_promote` returns one boolean (`Output`), and
 `export_champion` sits in a `dsl.If(... == True)` group, so the compiled spec carries the condition
@@ -33,21 +33,41 @@ def evaluate_and_gate(
     config: Any,
     run_id: Any,
     checkpoint: Any,
+    start_checkpoint: Any,
+    train_problems: Any,
     test_problems: Any,
     model_name: Any,
     name_suffix: str = "",
 ) -> TrainedOutputs:
-    """Add the evaluate -> register_and_promote -> If(promoted): export_champion tasks for `checkpoint`."""
+    """Add the evaluate (trained and start checkpoint) -> register_and_promote -> If(promoted):
+    export_champion tasks for `checkpoint`."""
     scored = placement.apply(
-        evaluate(config=config, pipeline_run_id=run_id, checkpoint=checkpoint, problems=test_problems),
+        evaluate(
+            config=config,
+            pipeline_run_id=run_id,
+            checkpoint=checkpoint,
+            problems=test_problems,
+            train_problems=train_problems,
+        ),
         "evaluate",
     )
+    baseline = placement.apply(
+        evaluate(
+            config=config,
+            pipeline_run_id=run_id,
+            checkpoint=start_checkpoint,
+            problems=test_problems,
+            stage="evaluate_start",
+        ),
+        "evaluate_start",
+    ).set_display_name("evaluate-start")
     gate = placement.apply(
         register_and_promote(
             config=config,
             pipeline_run_id=run_id,
             checkpoint=checkpoint,
             eval_results=scored.outputs["results"],
+            baseline_results=baseline.outputs["results"],
             model_name=model_name,
             name_suffix=name_suffix,
         ),
@@ -65,7 +85,7 @@ def evaluate_and_gate(
         )
     return TrainedOutputs(
         checkpoint=checkpoint,
-        report=scored.outputs["report"],
+        report=gate.outputs["report"],
         eval_results=scored.outputs["results"],
         registered=gate.outputs["registered"],
         promoted=gate.outputs["Output"],

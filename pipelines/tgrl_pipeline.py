@@ -1,5 +1,6 @@
-"""The TGRL pipeline: prepare data -> init model -> generate experts -> filter -> train -> evaluate ->
-register + gate -> (only if promoted) export the champion.
+"""The TGRL pipeline: prepare data -> init model -> generate experts -> filter -> cold start (SFT on the
+kept experts; `cold_start.steps: 0` passes the base model through) -> train (TGRL from that checkpoint) ->
+evaluate the start and the trained checkpoint -> register + gate -> (only if promoted) export the champion.
 
 The evaluate-and-gate tail is `tail.evaluate_and_gate`, shared with the GRPO baseline. Built by a factory
 so a profile (`cpu`/`gpu`) and images are chosen at compile time; `tgrl_pipeline` is the CPU build.
@@ -7,6 +8,7 @@ Imports: stdlib and kfp only.
 """
 
 from kfp import dsl
+from tgrl_lib.kfp_components.cold_start import cold_start
 from tgrl_lib.kfp_components.filter_trajectories import filter_trajectories
 from tgrl_lib.kfp_components.generate import generate
 from tgrl_lib.kfp_components.init_model import init_model
@@ -25,7 +27,7 @@ def build_tgrl_pipeline(placement: Placement | None = None):
 
     @dsl.pipeline(
         name=NAME,
-        description="TGRL: synthetic data, expert trajectories, filtering, training with expert guidance, "
+        description="TGRL: data, expert trajectories, filtering, cold-start SFT, RL with expert guidance, "
         "evaluation and gated promotion in the MLflow registry.",
     )
     def tgrl_pipeline(
@@ -50,11 +52,21 @@ def build_tgrl_pipeline(placement: Placement | None = None):
             ),
             "filter_trajectories",
         )
+        start = placement.apply(
+            cold_start(
+                config=config,
+                pipeline_run_id=run_id,
+                base_model=policy.outputs["model"],
+                problems=data.outputs["train_problems"],
+                experts=kept.outputs["kept"],
+            ),
+            "cold_start",
+        )
         trained = placement.apply(
             train(
                 config=config,
                 pipeline_run_id=run_id,
-                base_model=policy.outputs["model"],
+                base_model=start.outputs["checkpoint"],
                 problems=data.outputs["train_problems"],
                 experts=kept.outputs["kept"],
             ),
@@ -65,6 +77,8 @@ def build_tgrl_pipeline(placement: Placement | None = None):
             config=config,
             run_id=run_id,
             checkpoint=trained.outputs["checkpoint"],
+            start_checkpoint=start.outputs["checkpoint"],
+            train_problems=data.outputs["train_problems"],
             test_problems=data.outputs["test_problems"],
             model_name=model_name,
         )

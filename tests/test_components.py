@@ -19,6 +19,7 @@ from tgrl_lib.kfp_components.prepare_data import prepare_data
 from tgrl_lib import steps
 from tgrl_lib.data.schema import load_dataset
 from tgrl_lib.data.validate import validate_dataset
+from tgrl_lib.evaluation.run_report import markdown_page
 
 N_TRAIN, N_TEST = 12, 6
 
@@ -102,7 +103,7 @@ def test_report_html_renders_tables_and_inlines_plots(tmp_path):
     md.write_text("# Eval <x>\n\nsome text\n\n| a | b |\n|---|---|\n| 1 | 0.5 |\n")
     png = tmp_path / "plot.png"
     png.write_bytes(b"\x89PNG fake")
-    steps.report_html(md, [png], tmp_path / "out.html", "T")
+    markdown_page(md, [png], tmp_path / "out.html", "T")
     page = (tmp_path / "out.html").read_text()
     assert "<h1>Eval &lt;x&gt;</h1>" in page and "<th>a</th>" in page and "<td>0.5</td>" in page
     assert "data:image/png;base64," in page and "---" not in page
@@ -209,14 +210,25 @@ def test_register_step_writes_what_the_gate_reads(tmp_path, recipe, tiny_model_d
     registered = Model(uri=str(tmp_path / "reg2"))
     payload["benchmarks"]["synthetic"]["overall"]["accuracy"] = 0.05
     (results / "results.json").write_text(json.dumps(payload))
+    start = tmp_path / "start-eval"  # the start checkpoint's evaluation, handed to the gate
+    start.mkdir()
+    start_payload = json.loads(json.dumps(payload))
+    start_payload["benchmarks"]["synthetic"]["overall"]["accuracy"] = 0.125
+    (start / "results.json").write_text(json.dumps(start_payload))
+    report = HTML(uri=str(tmp_path / "report.html"))
     promoted = register_and_promote.python_func(
         config=recipe,
         pipeline_run_id="reg-1",
         checkpoint=Model(uri=str(tiny_model_dir)),
         eval_results=Artifact(uri=str(results)),
         registered=registered,
+        report=report,
+        baseline_results=Artifact(uri=str(start)),
     )
     assert promoted is False and registered.metadata["version"] == 2
+    assert registered.metadata["start_accuracy"] == 0.125 and registered.metadata["accuracy"] == 0.05
+    page = (tmp_path / "report.html").read_text()
+    assert "0.125 -&gt; 0.050" in page and "not promoted" in page
 
 
 def test_export_champion_publishes_the_checkpoint_and_tags_the_pipeline_run(

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "data.n_train=16",
     "data.n_test=8",
+    "cold_start.steps=2",
+    "cold_start.problems_per_step=2",
     "train.steps=2",
     "train.problems_per_step=2",
     "train.group_size=2",
@@ -71,7 +73,10 @@ def test_local_pipeline_registers_a_version_and_writes_the_report(
     registered = json.loads((results / "registered.json").read_text())
     assert registered["version"] >= 1 and registered["model_uri"].startswith("models:/")
     assert (results / "eval" / "results.json").is_file() and (results / "eval" / "report.md").is_file()
-    assert (results / "report.html").read_text().startswith("<!doctype html>")
+    page = (results / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "start -&gt; final" in page
+    assert "start_accuracy" in registered  # the start checkpoint went through the same evaluation
+    assert "cold start step 2/2" in out and "blind prior   accuracy" in out
     assert any((results / "checkpoint").iterdir())
     uri = server or f"sqlite:///{work / 'mlflow.db'}"
     assert (f"browse        {uri}" if server else f"mlflow ui --backend-store-uri {uri}") in out
@@ -97,3 +102,45 @@ def mlflow_experiment(registered: dict) -> str:
 
     config = REPO / "configs" / "tiny-cpu.yaml"
     return load_config(config if config.is_file() else None).tracking.experiment
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_two_pipeline_runs_compare_by_algorithm_and_accuracy_on_their_parents(tmp_path, monkeypatch):
+    """A TGRL and a GRPO pipeline run into one work dir: their parent runs carry the algorithm, the
+    recipe's key params and the final metrics (what MLflow's "compare" reads), are named by algorithm,
+    log no scratch paths, and the registered version's source run is the train run."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "runs"
+    for pipeline in ("tgrl_pipeline", "grpo_baseline_pipeline"):
+        argv = ["pipeline", "run", "--local", "--work-dir", str(work), "--pipeline", pipeline]
+        argv += ["--config", str(REPO / "configs" / "tiny-cpu.yaml")]
+        for pair in SMALL:
+            argv += ["--set", pair]
+        assert main(argv) == 0
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(mlflow_experiment({})).experiment_id
+    parents = client.search_runs([experiment], "tags.`tgrl.role` = 'pipeline'")
+    assert sorted(p.data.params["algorithm"] for p in parents) == ["grpo", "tgrl"]
+    for parent in parents:
+        algorithm = parent.data.params["algorithm"]
+        assert parent.info.run_name.startswith(f"tiny-cpu-{algorithm}-")
+        assert parent.data.tags["tgrl.algorithm"] == algorithm
+        assert {"model", "recipe", "config_hash", "data.train_sha256"} <= set(parent.data.params)
+        assert {"accuracy", "train/steps", "start_accuracy"} <= set(parent.data.metrics)
+        assert parent.data.metrics["train/steps"] == 2
+    assert (
+        "data.experts_sha256" in next(p for p in parents if p.data.params["algorithm"] == "tgrl").data.params
+    )
+    children = client.search_runs([experiment], "tags.`tgrl.role` = 'step'")
+    scratch = [
+        (r.info.run_name, k, v) for r in children for k, v in r.data.params.items() if "tgrl-train-" in v
+    ]
+    assert scratch == [] and not any("output_dir" in k for r in children for k in r.data.params)
+    version = client.get_model_version("tgrl-tiny", "1")
+    train_runs = {r.info.run_id for r in children if r.data.tags.get("tgrl.step") == "train"}
+    assert version.run_id in train_runs  # the version's source run has the training params
+    assert version.tags["tgrl.eval_run_id"] in {r.info.run_id for r in children}

@@ -21,9 +21,11 @@ TGRL_DAG = {
     "init-model": {"prepare-data"},
     "generate": {"prepare-data"},
     "filter-trajectories": {"generate", "init-model", "prepare-data"},
-    "train": {"filter-trajectories", "init-model", "prepare-data"},
+    "cold-start": {"filter-trajectories", "init-model", "prepare-data"},
+    "train": {"cold-start", "filter-trajectories", "prepare-data"},
     "evaluate": {"prepare-data", "train"},
-    "register-and-promote": {"evaluate", "train"},
+    "evaluate-2": {"cold-start", "prepare-data"},  # the start checkpoint, same evaluation
+    "register-and-promote": {"evaluate", "evaluate-2", "train"},
     "condition-1": {"register-and-promote", "train"},
 }
 BASELINE_DAG = {
@@ -31,12 +33,15 @@ BASELINE_DAG = {
     "init-model": {"prepare-data"},
     "train": {"init-model", "prepare-data"},
     "evaluate": {"prepare-data", "train"},
-    "register-and-promote": {"evaluate", "train"},
+    "evaluate-2": {"init-model", "prepare-data"},
+    "register-and-promote": {"evaluate", "evaluate-2", "train"},
     "condition-1": {"register-and-promote", "train"},
 }
 EVAL_DAG = {"prepare-data": set(), "evaluate-registered": {"prepare-data"}}
 DAGS = {"tgrl_pipeline": TGRL_DAG, "grpo_baseline_pipeline": BASELINE_DAG, "eval_pipeline": EVAL_DAG}
 GPU_EXECUTORS = {
+    "exec-cold-start",
+    "exec-evaluate-2",
     "exec-generate",
     "exec-filter-trajectories",
     "exec-train",
@@ -74,11 +79,12 @@ def test_tgrl_pipeline_runs_steps_in_the_paper_order(tmp_path):
         assert ready, "cycle in the DAG"
         order.append(ready[0])
         done.add(ready[0])
-    main_path = [t for t in order if t not in ("init-model",)]
+    main_path = [t for t in order if t not in ("init-model", "evaluate-2")]
     assert main_path == [
         "prepare-data",
         "generate",
         "filter-trajectories",
+        "cold-start",
         "train",
         "evaluate",
         "register-and-promote",
@@ -112,6 +118,33 @@ def test_baseline_trains_grpo_without_experts(tmp_path):
     assert spec["components"]["comp-train"]["inputDefinitions"]["artifacts"]["experts"]["isOptional"] is True
     reg = spec["root"]["dag"]["tasks"]["register-and-promote"]["inputs"]["parameters"]
     assert reg["name_suffix"]["runtimeValue"]["constant"] == "-grpo"
+
+
+def test_tgrl_trains_from_the_cold_start_and_the_gate_sees_the_start_model(tmp_path):
+    spec, _, _ = _compiled(tmp_path, "tgrl_pipeline")
+    tasks = spec["root"]["dag"]["tasks"]
+    cold = tasks["cold-start"]["inputs"]["artifacts"]
+    assert cold["experts"]["taskOutputArtifact"]["producerTask"] == "filter-trajectories"
+    assert cold["base_model"]["taskOutputArtifact"]["producerTask"] == "init-model"
+    train = tasks["train"]["inputs"]["artifacts"]["base_model"]["taskOutputArtifact"]
+    assert train == {"outputArtifactKey": "checkpoint", "producerTask": "cold-start"}
+    start_eval = tasks["evaluate-2"]["inputs"]
+    assert start_eval["artifacts"]["checkpoint"]["taskOutputArtifact"]["producerTask"] == "cold-start"
+    assert start_eval["parameters"]["stage"]["runtimeValue"]["constant"] == "evaluate_start"
+    baseline = tasks["register-and-promote"]["inputs"]["artifacts"]["baseline_results"]
+    assert baseline["taskOutputArtifact"] == {"outputArtifactKey": "results", "producerTask": "evaluate-2"}
+    trained_eval = tasks["evaluate"]["inputs"]["artifacts"]["train_problems"]["taskOutputArtifact"]
+    assert trained_eval["producerTask"] == "prepare-data"  # for the blind prior
+
+
+@pytest.mark.parametrize("name", ["tgrl_pipeline", "grpo_baseline_pipeline"])
+def test_retries_on_the_steps_that_can_rerun_and_not_on_registration(tmp_path, name):
+    spec, _, _ = _compiled(tmp_path, name)
+    tasks = spec["root"]["dag"]["tasks"]
+    retried = {t for t, body in tasks.items() if body.get("retryPolicy", {}).get("maxRetryCount")}
+    assert {"prepare-data", "init-model", "train", "evaluate", "evaluate-2"} <= retried
+    assert "register-and-promote" not in retried  # a rerun would register a second version
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))

@@ -43,7 +43,6 @@ class StepConfig(BaseModel):
         return self
 
 
-# --------------------------------------------------------------------------------------------- data
 class DataConfig(StepConfig):
     n_train: int = Field(512, ge=1, description="Synthetic training problems.")
     n_test: int = Field(128, ge=0, description="Synthetic held-out problems (unseen images).")
@@ -55,7 +54,6 @@ class DataConfig(StepConfig):
     )
 
 
-# ------------------------------------------------------------------------------ sampling, backends
 MAX_NEW_TOKENS = 32768  # no response budget above this (a typo like 1e8 would otherwise run on)
 MIN_TEMPERATURE = 0.01  # below this logits / T overflows; 0 itself means greedy
 
@@ -139,7 +137,6 @@ def _model_backend(backend: BackendConfig, step: str) -> None:
         raise ValueError(f"{step}.backend.kind must be hf or vllm (it runs the model), got {backend.kind!r}")
 
 
-# ----------------------------------------------------------------------------------------- generate
 class GenerateConfig(StepConfig):
     backend: BackendConfig = step_field(BackendConfig, "The expert's engine.", kind="oracle")
     model: str | None = Field(None, description="Model path/URI (hf, vllm) or served model name (openai).")
@@ -172,7 +169,6 @@ class GenerateConfig(StepConfig):
     )
 
 
-# ------------------------------------------------------------------------------------------- filter
 class FilterSpec(StepConfig):
     name: str = Field(description="Filter name (see `tgrl filter --list`).")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the filter.")
@@ -200,7 +196,6 @@ class FilterConfig(StepConfig):
     batch_size: int = Field(16, ge=1, description="Batch size of the likelihood filter.")
 
 
-# -------------------------------------------------------------------------------------------- train
 class LossConfig(StepConfig):
     aggregation: Literal["token_mean", "seq_mean", "constant"] = Field(
         "token_mean", description="token_mean (DAPO), seq_mean (GRPO) or constant (Dr.GRPO)."
@@ -362,7 +357,29 @@ class TrainConfig(StepConfig):
         return self
 
 
-# --------------------------------------------------------------------------------------------- eval
+class ColdStartConfig(StepConfig):
+    """The SFT stage before RL: the policy learns the answer format and to read the image from the
+    filtered expert trajectories, so RL starts from a model whose samples earn reward. The rest of the
+    loop's settings (batching, checkpointing, seed) are `train`'s."""
+
+    steps: int = Field(
+        0, ge=0, le=10**7, strict=True, description="SFT updates before RL; 0 passes the base model through."
+    )
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdamW learning rate of the SFT updates.")
+    problems_per_step: int = Field(
+        32, ge=1, le=65536, strict=True, description="Problems per SFT update (their expert trajectories)."
+    )
+    warmup_steps: int = Field(0, ge=0, strict=True, description="Linear warm-up steps.")
+    checkpoint_every: int = Field(100, ge=1, strict=True, description="Checkpoint every N SFT updates.")
+
+    def train_config(self, train: TrainConfig) -> TrainConfig:
+        """`train` turned into the SFT run of this stage, without token weights: the base policy's visual
+        dependency is noise before it reads the image (the measured warm start, ANCHORS.md, is unweighted)."""
+        updates = self.model_dump(exclude={"steps"}) | {"algorithm": "sft", "steps": max(self.steps, 1)}
+        updates["weighting"] = {**train.weighting.model_dump(), "kind": "none"}
+        return TrainConfig.model_validate({**train.model_dump(), **updates})
+
+
 class EvalConfig(StepConfig):
     samples: int = Field(1, ge=1, le=1024, strict=True, description="k samples per problem (avg@k, pass@k).")
     sampling: SamplingConfig = step_field(
@@ -382,7 +399,6 @@ class EvalConfig(StepConfig):
         return self
 
 
-# ---------------------------------------------------------------------------------------- promotion
 class PromoteConfig(StepConfig):
     model_name: str = Field("tgrl-policy", description="Registered model name.")
     primary_metric: str = Field("accuracy", description="Metric the gate compares (mean over benchmarks).")
@@ -397,7 +413,6 @@ class PromoteConfig(StepConfig):
     )
 
 
-# ----------------------------------------------------------------------------------------- tracking
 class TrackingConfig(StepConfig):
     tracking_uri: str | None = Field(
         None, description="MLflow URI; None = $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db."
@@ -415,6 +430,7 @@ class PipelineConfig(StepConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)

@@ -18,8 +18,6 @@ dicts are returned by the steps whose component logs them as KFP metrics.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import shutil
 import tempfile
@@ -31,13 +29,14 @@ from typing import Any
 from tgrl_lib.config import PipelineConfig, TrainConfig
 from tgrl_lib.env import read_env
 from tgrl_lib.errors import TgrlError
+from tgrl_lib.evaluation import run_report
+from tgrl_lib.mlops.tracking import config_hash, dataset_sha256, numbers
 from tgrl_lib.recipe import load_config
 
 MODEL_REF = "model_ref.json"  # an init_model output that points at a model instead of holding it
 REGISTERED = "registered.json"
 
 
-# ------------------------------------------------------------------------------------ shared pieces
 def load_recipe(config: str | Path) -> PipelineConfig:
     """The whole recipe from YAML text or a path to a YAML file ("" = all defaults)."""
     text = str(config)
@@ -88,19 +87,6 @@ def resolve_model(model_dir: str | Path) -> str:
     return str(model_dir)
 
 
-def numbers(report: Any, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a report (dict or pydantic model), flattened with '/'; bools become 0/1."""
-    if hasattr(report, "model_dump"):
-        report = report.model_dump()
-    out: dict[str, float] = {}
-    if isinstance(report, dict):
-        for key, value in report.items():
-            out.update(numbers(value, f"{prefix}{key}/"))
-    elif isinstance(report, bool | int | float) and prefix:
-        out[prefix.rstrip("/")] = float(report)
-    return out
-
-
 def dataset_count(root: str | Path) -> int:
     from tgrl_lib.data.schema import read_manifest
 
@@ -115,42 +101,6 @@ def ensure_dataset(root: str | Path, kind: str, created_by: str) -> None:
         write_dataset(root, kind, [], created_by=created_by)
 
 
-def report_html(markdown_path: Path, images: list[Path], out_path: str | Path, title: str) -> None:
-    """A self-contained HTML page (KFP `HTML` artifact): the markdown report's headings, paragraphs and
-    tables, then the PNG plots inlined as data URLs."""
-    body = []
-    lines = markdown_path.read_text(encoding="utf-8").splitlines() if markdown_path.is_file() else []
-    table: list[list[str]] = []
-    for line in [*lines, ""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set("-: ") for c in cells):
-                table.append(cells)
-            continue
-        if table:
-            head, *rows = table
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>")
-            body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
-            body.append("</table>")
-            table = []
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")), 4)
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    for image in images:
-        data = base64.b64encode(image.read_bytes()).decode()
-        body.append(f'<p><img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}"></p>')
-    style = (
-        "body{font-family:sans-serif}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}"
-    )
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-    page += f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_path).write_text(page, encoding="utf-8")
-
-
 def _move_into(src: Path, dst: str | Path) -> None:
     dst = Path(dst)
     if dst.exists():
@@ -159,7 +109,6 @@ def _move_into(src: Path, dst: str | Path) -> None:
     shutil.move(str(src), str(dst))
 
 
-# ------------------------------------------------------------------------------------------ steps
 def prepare_data(config: str, pipeline_run_id: str, train_dir: str, test_dir: str) -> dict[str, float]:
     """Synthesise the train and held-out problem datasets (`tgrl_lib.data.synthetic`)."""
     from tgrl_lib.data.synthetic import synthesize_splits
@@ -181,6 +130,7 @@ def prepare_data(config: str, pipeline_run_id: str, train_dir: str, test_dir: st
         out = {"n_train": float(dataset_count(train_dir)), "n_test": float(dataset_count(test_dir))}
         run.log_metrics(out)
         run.log_dataset_tags({"train": train_dir, "test": test_dir})
+        run.parent().log_params({"data.train_sha256": dataset_sha256(train_dir), "recipe": cfg.name})
         publish(pipeline_run_id, "prepare_data", {"train_problems": train_dir, "test_problems": test_dir})
     return out
 
@@ -199,6 +149,7 @@ def init_model(config: str, pipeline_run_id: str, base_model: str, out_dir: str)
         else:
             (Path(out_dir) / MODEL_REF).write_text(json.dumps({"uri": source}) + "\n", encoding="utf-8")
         run.log_params({"init_model.source": source})
+        run.parent().log_params({"model": source})
     return {"source": source, "built": source == "tiny"}
 
 
@@ -248,9 +199,10 @@ def filter_trajectories(
         run.log_metrics(out)
         files = sorted(Path(kept_dir).glob("report*")) + sorted(Path(rejected_dir).glob("report*"))
         md = next((f for f in files if f.suffix == ".md"), Path(kept_dir) / "report.md")
-        report_html(md, [f for f in files if f.suffix == ".png"], report_path, "Trajectory filtering")
+        run_report.markdown_page(md, [f for f in files if f.suffix == ".png"], report_path, "Filtering")
         run.log_artifacts([*files, Path(report_path)], "filter")
         publish(pipeline_run_id, "filter", {"kept": kept_dir, "rejected": rejected_dir})
+        run.parent().log_params({"data.experts_sha256": dataset_sha256(kept_dir)})
     return out
 
 
@@ -265,29 +217,59 @@ def train(
 ) -> dict[str, float]:
     """Train from the initial model (`tgrl_lib.rl.trainer.train`); the final checkpoint lands in `out_dir`.
 
-    `algorithm` ("" = the recipe's) overrides `train.algorithm`; grpo ignores `experts_dir`. Intermediate
-    checkpoints stay in a scratch directory: only the final model is a pipeline artifact. When the compiled
-    task carries a launch plan of several processes (`tgrl_lib.rl.launcher`: GPU profile, `--train-gpus`,
-    `--train-nodes`), the loop runs under `accelerate launch` or as a Kubeflow TrainJob instead of here.
+    `algorithm` ("" = the recipe's) overrides `train.algorithm`; grpo ignores `experts_dir`. When the
+    compiled task carries a launch plan of several processes (`tgrl_lib.rl.launcher`: GPU profile,
+    `--train-gpus`, `--train-nodes`), the loop runs under `accelerate launch` or as a Kubeflow TrainJob.
     """
-    from tgrl_lib.progress import step_printer
-    from tgrl_lib.rl.launcher import launch_training, launched_result, plan_from_env
-    from tgrl_lib.rl.trainer import train as run_training
-
     cfg = load_recipe(config)
     updates: dict[str, Any] = {"model": resolve_model(base_model_dir)}
     if algorithm:
         updates["algorithm"] = algorithm
-    with tempfile.TemporaryDirectory(prefix="tgrl-train-") as scratch:
-        updates["output_dir"] = scratch
-        try:
-            tcfg = TrainConfig.model_validate({**cfg.train.model_dump(), **updates})
-        except ValueError as err:
-            raise TgrlError(f"invalid train override: {err}") from None
+    try:
+        tcfg = TrainConfig.model_validate({**cfg.train.model_dump(), **updates})
+    except ValueError as err:
+        raise TgrlError(f"invalid train override: {err}") from None
+    return _train_stage(cfg, tcfg, pipeline_run_id, "train", problems_dir, experts_dir, out_dir)
+
+
+def cold_start(
+    config: str, pipeline_run_id: str, base_model_dir: str, problems_dir: str, experts_dir: str, out_dir: str
+) -> dict[str, float]:
+    """The SFT stage before RL (recipe `cold_start`): supervised updates on the filtered experts from the
+    base model; `cold_start.steps: 0` passes it through (a base model that follows the format already)."""
+    cfg = load_recipe(config)
+    if cfg.cold_start.steps == 0:  # a copy, not a local path: on a cluster the next step runs elsewhere
+        shutil.copytree(base_model_dir, out_dir, dirs_exist_ok=True)
+        return {"steps_done": 0.0}
+    tcfg = cfg.cold_start.train_config(cfg.train.model_copy(update={"model": resolve_model(base_model_dir)}))
+    return _train_stage(cfg, tcfg, pipeline_run_id, "cold_start", problems_dir, experts_dir, out_dir)
+
+
+def _train_stage(
+    cfg: PipelineConfig,
+    tcfg: TrainConfig,
+    pipeline_run_id: str,
+    stage: str,
+    problems_dir: str,
+    experts_dir: str,
+    out_dir: str,
+) -> dict[str, float]:
+    """Train `stage` (train, cold_start) in its MLflow child run; final checkpoint + metrics -> `out_dir`."""
+    from tgrl_lib.progress import step_printer
+    from tgrl_lib.rl.launcher import launch_training, launched_result, plan_from_env
+    from tgrl_lib.rl.trainer import train as run_training
+
+    with tempfile.TemporaryDirectory(prefix=f"tgrl-{stage}-") as scratch:
+        tcfg = tcfg.model_copy(update={"output_dir": scratch})
         experts = experts_dir if experts_dir and tcfg.algorithm != "grpo" else None
         plan = plan_from_env()
-        with step_run(cfg, pipeline_run_id, "train") as run:
-            run.log_config(tcfg, section="train")
+        with step_run(cfg, pipeline_run_id, stage) as run:
+            logged = tcfg.model_dump(mode="json", exclude={"output_dir"})  # no scratch paths
+            run.log_config(logged, section="train")
+            if stage == "train":  # the pipeline's algorithm names its parent run
+                key = {"algorithm": tcfg.algorithm, "config_hash": config_hash(cfg), "lr": tcfg.lr}
+                name = f"{cfg.name}-{tcfg.algorithm}-{pipeline_run_id[:12]}"
+                run.describe_parent(name, key, {"tgrl.algorithm": tcfg.algorithm})
             if plan is not None and plan.processes > 1:
                 config, work = tcfg.model_dump(mode="json"), Path(scratch)
                 launched = launch_training(plan, config, problems_dir, experts, work, pipeline_run_id)
@@ -299,14 +281,17 @@ def train(
                     problems_dir=problems_dir,
                     experts_dir=experts,
                     logger=run.metrics_logger(),
-                    on_step=step_printer(tcfg.steps, prefix="train step"),
+                    on_step=step_printer(tcfg.steps, prefix=f"{stage.replace('_', ' ')} step"),
                 )
             _move_into(Path(result.final_dir), out_dir)
+            if (history := Path(scratch) / "metrics.jsonl").is_file():
+                shutil.copy2(history, Path(out_dir) / run_report.TRAIN_HISTORY)
             out = {"steps_done": float(result.steps_done)}
             out.update({k: v for k, v in numbers(result.metrics).items() if k not in out})
             run.log_metrics({f"final/{k}": v for k, v in out.items()})
-            run.log_artifacts([Path(scratch) / "metrics.jsonl"], "train")  # the per-step table, kept
-            publish(pipeline_run_id, "train", {"checkpoint": out_dir}, checkpoint=True)
+            run.parent().log_metrics({f"{stage}/steps": out["steps_done"]})
+            run.log_artifacts([Path(scratch) / "metrics.jsonl"], stage)  # the per-step table, kept
+            publish(pipeline_run_id, stage, {"checkpoint": out_dir}, checkpoint=True)
     return out
 
 
@@ -328,19 +313,34 @@ def _evaluate_into(
     primary = sum(values) / len(values)
     run.log_metrics({**metrics, f"primary/{primary_key}": primary})
     out = Path(results_dir)
-    report_html(out / "report.md", sorted(out.glob("*.png")), report_path, "Evaluation")
+    run_report.markdown_page(out / "report.md", sorted(out.glob("*.png")), report_path, "Evaluation")
     run.log_artifacts(sorted(p for p in out.iterdir() if p.is_file()) + [Path(report_path)], "eval")
     return metrics, primary
 
 
 def evaluate(
-    config: str, pipeline_run_id: str, model_dir: str, problems_dir: str, results_dir: str, report_path: str
+    config: str,
+    pipeline_run_id: str,
+    model_dir: str,
+    problems_dir: str,
+    results_dir: str,
+    report_path: str,
+    stage: str = "evaluate",
+    train_dir: str = "",
 ) -> dict[str, float]:
-    """Evaluate the trained checkpoint on the held-out problems (`tgrl_lib.evaluation.run.evaluate`)."""
+    """Evaluate a checkpoint on the held-out problems (`tgrl_lib.evaluation.run.evaluate`): the trained one
+    (`stage="evaluate"`) or the start model (`"evaluate_start"`). With the train problems (`train_dir`),
+    the blind prior (`tgrl_lib.evaluation.blind_prior`) goes beside the results and into the metrics."""
     cfg = load_recipe(config)
-    with step_run(cfg, pipeline_run_id, "evaluate") as run:
-        metrics, primary = _evaluate_into(cfg, run, model_dir, problems_dir, results_dir, report_path)
-        publish(pipeline_run_id, "evaluate", {"results": results_dir})
+    model = resolve_model(model_dir)
+    with step_run(cfg, pipeline_run_id, stage) as run:
+        metrics, primary = _evaluate_into(cfg, run, model, problems_dir, results_dir, report_path)
+        if train_dir:
+            from tgrl_lib.evaluation.blind_prior import write_blind_prior
+
+            metrics["blind_prior"] = write_blind_prior(train_dir, problems_dir, results_dir)["accuracy"]
+            run.log_metrics({"blind_prior/accuracy": metrics["blind_prior"]})
+        publish(pipeline_run_id, stage, {"results": results_dir})
     return {**metrics, "primary": primary}
 
 
@@ -352,11 +352,14 @@ def register_and_promote(
     registered_dir: str,
     model_name: str = "",
     name_suffix: str = "",
+    baseline_dir: str = "",
+    report_path: str = "",
 ) -> dict[str, Any]:
     """Register the checkpoint with its eval metrics and run the promotion gate (`tgrl_lib.mlops.promotion`).
 
-    Name: `model_name`, else `promote.model_name + name_suffix`. Writes `registered.json` (name, version,
-    URI, decision, reason) to `registered_dir` and returns the same dict.
+    Name: `model_name`, else `promote.model_name + name_suffix`. `baseline_dir`: the start checkpoint's eval,
+    the gate's reference while there is no champion. Writes `registered.json` (name, version, URI,
+    decision, reason) to `registered_dir`, returns the same dict, and the run report to `report_path`.
     """
     from tgrl_lib.evaluation.run import flat_metrics
     from tgrl_lib.mlops.promotion import promote
@@ -364,17 +367,20 @@ def register_and_promote(
 
     cfg = load_recipe(config)
     name = model_name or cfg.promote.model_name + name_suffix
-    results_file = Path(eval_dir) / "results.json"
-    if not results_file.is_file():
+    if (results := run_report.read_results(eval_dir)) is None:
         raise TgrlError("no results.json in the evaluation output", path=eval_dir)
-    results = json.loads(results_file.read_text(encoding="utf-8"))
     eval_metrics = flat_metrics(results["benchmarks"])
+    primary_key = cfg.promote.primary_metric
+    baseline = run_report.read_results(baseline_dir) if baseline_dir else None  # the start model's eval
+    start = run_report.overall(baseline, primary_key) if baseline else None
     with step_run(cfg, pipeline_run_id, "register_and_promote") as run:
         run.log_config(cfg.promote, section="promote")
-        version = register_checkpoint(model_dir, name, run.run_id, eval_metrics)
+        links = {"tgrl.eval_run_id": run.sibling_run_id("evaluate"), "tgrl.register_run_id": run.run_id}
+        train_run = run.sibling_run_id("train") or run.run_id  # the version's source run: the train run
+        version = register_checkpoint(model_dir, name, train_run, eval_metrics, tags=links)
         decision = promote(
             name, version.version, primary=cfg.promote.primary_metric, margin=cfg.promote.margin,
-            max_regression=cfg.promote.max_regression, floor=cfg.promote.floor,
+            max_regression=cfg.promote.max_regression, floor=cfg.promote.floor, baseline=baseline,
         )  # fmt: skip
         out = {
             "model_name": name,
@@ -382,13 +388,22 @@ def register_and_promote(
             "model_uri": f"models:/{name}/{version.version}",
             "promoted": bool(decision.promoted),
             "reason": str(decision.reason),
+            primary_key: run_report.overall(results, primary_key),
         }
-        run.log_metrics(
-            {"promote/promoted": float(out["promoted"]), "promote/version": float(out["version"])}
-        )
+        out |= {f"start_{primary_key}": start} if start is not None else {}
+        run.log_metrics({f"promote/{k}": float(v) for k, v in out.items() if isinstance(v, int | float)})
         run.set_parent_tags({"tgrl.model_version": out["model_uri"], "tgrl.promoted": str(out["promoted"])})
+        keys = ("accuracy", "grounding", "evidence_use", "format_rate")
+        final = {k: v for k in keys if (v := run_report.overall(results, k)) is not None}
+        run.parent().log_metrics(final | ({f"start_{primary_key}": start} if start is not None else {}))
     Path(registered_dir).mkdir(parents=True, exist_ok=True)
     (Path(registered_dir) / REGISTERED).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    if report_path:
+        name = f"{cfg.name} {{algorithm}} {pipeline_run_id}"
+        summary = run_report.summary_from_dirs(
+            name, model_dir, eval_dir, baseline_dir or None, out, default_algorithm=cfg.train.algorithm
+        )
+        run_report.write_run_report(summary, report_path)
     return out
 
 

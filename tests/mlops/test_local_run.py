@@ -60,11 +60,13 @@ def _outputs(root):
             {"benchmarks": {"synthetic": {"overall": {"accuracy": 0.5, "grounding": 0.25, "count": 8}}}}
         )
     )
+    (root / "eval" / "blind_prior.json").write_text(json.dumps({"accuracy": 0.3125, "groups": {}}))
     (root / "ckpt" / "model.safetensors").write_bytes(b"x")
     (root / "report.html").write_text("<!doctype html>")
     art = lambda path, **meta: SimpleNamespace(path=str(path), metadata=meta)  # noqa: E731
+    reg = {"version": 1.0, "model_uri": "models:/m/1", "accuracy": 0.5, "start_accuracy": 0.25}
     return {"eval_results": art(root / "eval"), "report": art(root / "report.html"),
-            "checkpoint": art(root / "ckpt"), "registered": art(root, version=1.0, model_uri="models:/m/1"),
+            "checkpoint": art(root / "ckpt"), "registered": art(root, **reg),
             "promoted": True}  # fmt: skip
 
 
@@ -78,6 +80,7 @@ def test_each_run_keeps_its_results_and_latest_follows(tmp_path):
     assert json.loads((latest / "registered.json").read_text())["version"] == 1
     summary = second.summary()
     assert "synthetic     accuracy 0.500, grounding 0.250 (8 held-out problems)" in summary
+    assert "blind prior   accuracy 0.312" in summary and "start model   accuracy 0.250 -> 0.500" in summary
     with pytest.raises(TgrlError, match="exists already"):
         collect_results(outputs, tmp_path / "results" / "run-2", "sqlite:///x.db", started=0.0)
 

@@ -30,6 +30,7 @@ class FakeKfp:
         self.auth: list[str | None] = []  # Authorization header of each call
         self.experiments: dict[str, dict] = {}
         self.recurring: dict[str, dict] = {}
+        self.runs: dict[str, dict] = {}
         self.counter = 0
         self.lock = threading.Lock()
 
@@ -61,6 +62,10 @@ class FakeKfp:
                 run["created_at"] = f"2026-01-01T00:00:{self.counter:02d}Z"
                 run["pipeline_spec"] = None  # keep list answers small
                 self.recurring[run["recurring_run_id"]] = run
+                return 200, run
+            if path == f"{API}/runs" and method == "POST":  # a one-off run (tgrl pipeline submit)
+                run = dict(body) | {"run_id": self.next_id("run"), "pipeline_spec": None}
+                self.runs[run["run_id"]] = run
                 return 200, run
             if path.startswith(f"{API}/recurringruns/") and method == "DELETE":
                 self.recurring.pop(path.rsplit("/", 1)[1], None)
@@ -287,3 +292,25 @@ def test_cli_against_a_dead_host_is_a_one_line_error(kfp_server, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"KFP API {dead} is not reachable" in err and "Traceback" not in err
     assert main(["schedule", "list", "--host", kfp_server.host]) == 0  # control: a live API lists
+
+
+def test_submit_starts_one_run_with_the_recipe_and_params(kfp_server, recipe, capsys):
+    argv = ["pipeline", "submit", "--host", kfp_server.host, "--config", str(recipe), "--experiment", "adhoc"]
+    assert main([*argv, "--param", "base_model=tiny", "--name", "try-1"]) == 0
+    ((_, _, _, body),) = kfp_server.requests("POST", f"{API}/runs")
+    assert body["display_name"] == "try-1"
+    assert body["experiment_id"] == next(iter(kfp_server.experiments))
+    assert kfp_server.experiments[body["experiment_id"]]["display_name"] == "adhoc"
+    params = body["runtime_config"]["parameters"]
+    assert params["config"] == recipe.read_text() and params["base_model"] == "tiny"
+    assert '"name": "tgrl-pipeline"' in json.dumps(body["pipeline_spec"])  # the compiled package
+    assert kfp_server.requests("POST", f"{API}/recurringruns") == []  # one-off, not a schedule
+    assert "started run run-" in capsys.readouterr().out
+
+
+def test_submit_refuses_a_bad_recipe_before_calling_the_api(kfp_server, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stpes: 3\n")
+    assert main(["pipeline", "submit", "--host", kfp_server.host, "--config", str(bad)]) != 0
+    assert "did you mean train.steps?" in capsys.readouterr().err
+    assert kfp_server.requests("POST", f"{API}/runs") == []

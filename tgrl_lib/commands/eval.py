@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tgrl_lib.commands import add_overrides
 
@@ -20,7 +21,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(true / stated visual facts). Greedy with k=1 by default."
         ),
     )
-    parser.add_argument("--model", required=True, help="model directory, file:// or s3:// URI")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model directory, file:// or s3:// URI, or a registered version: models:/NAME/VERSION or "
+        "models:/NAME@ALIAS (downloaded from MLflow: --tracking-uri or $MLFLOW_TRACKING_URI)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow for models:/ URIs; with it (or $MLFLOW_TRACKING_URI) the evaluation is logged as a run",
+    )
+    parser.add_argument("--experiment", default="tgrl-eval", help="MLflow experiment of the logged run")
     parser.add_argument(
         "--benchmark",
         action="append",
@@ -29,7 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a problems dataset to evaluate on, named NAME in the report (repeatable)",
     )
     parser.add_argument("--out", required=True, help="output directory for the report")
-    parser.add_argument("--config", help="recipe YAML (its `eval:` section) or a file of eval keys")
+    parser.add_argument(
+        "--config",
+        help="recipe YAML (its `eval:` section) or a file of eval keys (default: configs/tiny-cpu.yaml if "
+        "present, as `tgrl pipeline run`, so both evaluate alike)",
+    )
     add_overrides(parser, "--set samples=8 --set sampling.temperature=0.7")
     parser.add_argument("--samples", type=int, help="k samples per problem (eval.samples)")
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy")
@@ -40,10 +55,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run)
 
 
+DEFAULT_RECIPE = Path("configs/tiny-cpu.yaml")
+
+
+def default_recipe(config: str | None) -> str | None:
+    """`config`, else the tiny recipe when run from a checkout (the defaults `tgrl pipeline run` uses)."""
+    return config if config is not None else str(DEFAULT_RECIPE) if DEFAULT_RECIPE.is_file() else None
+
+
 def _run(args: argparse.Namespace) -> int:
     from tgrl_lib.config import EvalConfig
     from tgrl_lib.errors import TgrlError
-    from tgrl_lib.evaluation.run import evaluate, markdown_table
+    from tgrl_lib.evaluation.run import evaluate, flat_metrics, markdown_table
     from tgrl_lib.recipe import load_config
 
     benchmarks: dict[str, str] = {}
@@ -65,8 +88,26 @@ def _run(args: argparse.Namespace) -> int:
         "limit": args.limit,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
-    config = load_config(args.config, EvalConfig, args.overrides, section="eval", flags=flags)
-    results = evaluate(args.model, benchmarks, config, args.out)
+    config = load_config(default_recipe(args.config), EvalConfig, args.overrides, section="eval", flags=flags)
+    from tgrl_lib.env import read_env
+    from tgrl_lib.mlops.model_uri import local_model
+
+    model = local_model(args.model, tracking_uri=args.tracking_uri)
+    uri = args.tracking_uri or read_env("MLFLOW_TRACKING_URI")
+    if uri:  # logged like a pipeline's evaluate step: a child run under a parent of its own
+        import uuid
+
+        from tgrl_lib.mlops.tracking import Tracker
+
+        tracker = Tracker(tracking_uri=uri, experiment=args.experiment)
+        with tracker.step_run(uuid.uuid4().hex[:12], "eval", pipeline="tgrl-eval") as run:
+            run.log_config(config, section="eval")
+            run.log_params({"eval.model": args.model})
+            results = evaluate(model, benchmarks, config, args.out)
+            run.log_metrics(flat_metrics(results["benchmarks"]))
+            run.log_artifacts(args.out, "eval")
+    else:
+        results = evaluate(model, benchmarks, config, args.out)
     print(markdown_table(results["benchmarks"]), end="")
     print(f"tgrl eval: report in {args.out}/report.md, results in {args.out}/results.json")
     return 0

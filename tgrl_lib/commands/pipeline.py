@@ -1,4 +1,5 @@
-"""`tgrl pipeline run --local | compile`: run the TGRL pipeline on this machine, or write the KFP YAMLs.
+"""`tgrl pipeline run --local | submit --host | compile`: run the TGRL pipeline on this machine, start one
+run on a KFP backend, or write the KFP YAMLs.
 
 Argument translation only: `run --local` calls `tgrl_lib.mlops.local_run.run_local`, `compile` calls
 `tgrl_lib.kfp_pipelines.compile`. Stdlib-only imports at top level.
@@ -52,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.set_defaults(func=_run)
 
+    _register_submit(sub)
+
     comp = sub.add_parser(
         "compile",
         help="Write the KFP IR YAML of every pipeline.",
@@ -89,6 +92,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     comp.set_defaults(func=_compile)
 
 
+def _register_submit(sub: argparse._SubParsersAction) -> None:
+    submit = sub.add_parser(
+        "submit",
+        help="Start one run of a pipeline on a Kubeflow Pipelines backend now (see `tgrl schedule`).",
+        description="Compile the pipeline (--profile, images) and start one run with the recipe's YAML as "
+        "its config parameter, in an experiment. For recurring runs use `tgrl schedule create`.",
+    )
+    submit.add_argument(
+        "--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888"
+    )
+    submit.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP only).")
+    submit.add_argument("--config", help="Recipe YAML passed as the config parameter (validated first).")
+    submit.add_argument("--pipeline", default="tgrl_pipeline", choices=PIPELINE_NAMES, help="Which pipeline.")
+    submit.add_argument("--name", help="Run name (default: <pipeline>-<recipe name>).")
+    submit.add_argument("--experiment", default="tgrl", help="KFP experiment (created if absent).")
+    submit.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="Resource profile.")
+    submit.add_argument("--image", help="CPU image reference.")
+    submit.add_argument("--cuda-image", help="CUDA image reference (gpu profile).")
+    submit.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="Pipeline parameter (repeatable)."
+    )
+    submit.set_defaults(func=_submit)
+
+
 def _run(args: argparse.Namespace) -> int:
     from tgrl_lib.mlops.local_run import run_local
 
@@ -102,6 +129,23 @@ def _run(args: argparse.Namespace) -> int:
         pipeline=args.pipeline,
         base_model=args.base_model,
     )
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from tgrl_lib.commands.schedule import _params
+    from tgrl_lib.mlops import scheduling
+    from tgrl_lib.mlops.submission import submit_run
+
+    name = args.name or f"{args.pipeline}-{Path(args.config).stem if args.config else 'defaults'}"
+    spec = scheduling.ScheduleSpec(
+        name=name, cron="", pipeline=args.pipeline, config_path=args.config, experiment=args.experiment,
+        profile=args.profile, image=args.image, cuda_image=args.cuda_image, params=_params(args.param),
+    )  # fmt: skip
+    with scheduling.api_errors(args.host):
+        client = scheduling.connect(args.host, args.namespace)
+        run = submit_run(client, spec, args.namespace)
+    print(f"started run {run.run_id} ({name!r}) of {args.pipeline} on {args.host}")
     return 0
 
 

@@ -33,7 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "a prompt that cannot fit the model's context gets 400."
         ),
     )
-    parser.add_argument("--model", required=True, help="model directory (safetensors), or s3:// URI")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model directory (safetensors), s3:// URI, or models:/NAME/VERSION | models:/NAME@ALIAS",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow for models:/ URIs (default $MLFLOW_TRACKING_URI)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     parser.add_argument(
@@ -60,6 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     from tgrl_lib.errors import TgrlError
     from tgrl_lib.generation.chat import ServeLimits
     from tgrl_lib.generation.serve import serve
+    from tgrl_lib.mlops.model_uri import local_model
 
     given = {
         field: getattr(args, field) for field in LIMIT_FLAGS.values() if getattr(args, field) is not None
@@ -70,9 +76,10 @@ def _run(args: argparse.Namespace) -> int:
         first = err.errors()[0]
         flag = next(f for f, name in LIMIT_FLAGS.items() if name == first["loc"][0])
         raise TgrlError(f"{flag}: {first['msg']}, got {first['input']!r}") from None
+    model = local_model(args.model, tracking_uri=args.tracking_uri)
     try:
         serve(
-            args.model,
+            model,
             args.host,
             args.port,
             served_name=args.served_model_name,

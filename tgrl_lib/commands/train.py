@@ -20,7 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "ends up in OUT/final and per-step metrics in OUT/metrics.jsonl."
         ),
     )
-    parser.add_argument("--config", help="recipe YAML (its `train:` section) or a file of train keys")
+    parser.add_argument(
+        "--config",
+        help="recipe YAML (its `train:` section) or a file of train keys (default: configs/tiny-cpu.yaml "
+        "if present)",
+    )
     add_overrides(parser, "--set lr=1e-4 or --set train.loss.clip=false")
     parser.add_argument("--problems", help="problems dataset directory (tgrl data synth / import)")
     parser.add_argument("--experts", help="expert trajectories dataset (tgrl generate / filter)")
@@ -29,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tgrl_lib.commands.eval import default_recipe
     from tgrl_lib.config import TrainConfig
     from tgrl_lib.errors import TgrlError
     from tgrl_lib.progress import progress_bar, step_printer
@@ -38,7 +43,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.problems:
         raise TgrlError("tgrl train needs --problems DIR", hint="see tgrl train --help")
     flags = {"output_dir": args.out} if args.out else {}
-    config = load_config(args.config, TrainConfig, args.overrides, section="train", flags=flags)
+    config = load_config(
+        default_recipe(args.config), TrainConfig, args.overrides, section="train", flags=flags
+    )
     show = step_printer(config.steps, lines=20)
 
     with progress_bar(f"train {config.algorithm}", config.steps) as advance:

@@ -49,6 +49,7 @@ class LocalRunResult:
     wall_s: float
     log: Path | None = None
     scores: dict[str, dict[str, float]] | None = None  # benchmark -> its overall eval metrics
+    blind_prior: float | None = None  # the train split's most frequent answer per type, on the held-out split
 
     def summary(self) -> str:
         reg = self.registered
@@ -58,8 +59,16 @@ class LocalRunResult:
             shown = [f"accuracy {m.get('accuracy', float('nan')):.3f}"]
             shown += [f"{k} {m[k]:.3f}" for k in ("grounding", "evidence_use", "format_rate") if k in m]
             lines.append(f"  {name:<13} {', '.join(shown)} ({int(m.get('count', 0))} held-out problems)")
+        if self.blind_prior is not None:
+            lines.append(
+                f"  blind prior   accuracy {self.blind_prior:.3f} (train split's majority answer per type)"
+            )
+        if "start_accuracy" in reg and "accuracy" in reg:
+            lines.append(
+                f"  start model   accuracy {reg['start_accuracy']:.3f} -> {reg['accuracy']:.3f} trained"
+            )
         lines += [
-            f"  eval report   {self.report}",
+            f"  run report    {self.results_dir / 'report.html'}",
             f"  checkpoint    {self.checkpoint}",
             f"  registered    {reg.get('model_uri', '?')} ({alias}: {reg.get('reason', '')})",
             f"  all results   {self.results_dir}",
@@ -137,7 +146,7 @@ def run_local(
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_STEP_LINE = re.compile(r"^\s*(train step \d+/\d+.*)$")
+_STEP_LINE = re.compile(r"^\s*((?:cold start|train) step \d+/\d+.*)$")
 
 
 def progress_line(line: str, started: dict[str, float], now: float) -> str | None:
@@ -178,7 +187,8 @@ def output_into(log: Path, echo: Callable[[str], Any]) -> Iterator[_Console]:
         os.dup2(sink.fileno(), 2)
         streams = sys.stdout, sys.stderr  # Python-level writers that are not fd 1/2 (a test's capture)
         sys.stdout = sys.stderr = text = open(log, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
-        follower = threading.Thread(target=_follow, args=(log, say, stop), daemon=True)
+        start = log.stat().st_size  # taken here: a line written before the thread runs is still followed
+        follower = threading.Thread(target=_follow, args=(log, start, say, stop), daemon=True)
         follower.start()
         try:
             yield state
@@ -214,10 +224,10 @@ def _console_stream() -> tuple[TextIO, Callable[[], None]]:
     return sys.stdout, lambda: None
 
 
-def _follow(log: Path, say: Callable[[str], None], stop: threading.Event) -> None:
+def _follow(log: Path, start: int, say: Callable[[str], None], stop: threading.Event) -> None:
     started: dict[str, float] = {}
     with open(log, encoding="utf-8", errors="replace") as source:
-        source.seek(0, os.SEEK_END)
+        source.seek(start)
         while True:
             line = source.readline()
             if line:
@@ -252,8 +262,10 @@ def collect_results(
     staged.symlink_to(results_dir.name)
     staged.replace(latest)  # atomic: a reader sees the old run or the new one
     scores = _overall_scores(eval_dir / "results.json")
+    prior = eval_dir / "blind_prior.json"
     return LocalRunResult(
         scores=scores,
+        blind_prior=json.loads(prior.read_text(encoding="utf-8"))["accuracy"] if prior.is_file() else None,
         results_dir=results_dir,
         report=report,
         checkpoint=checkpoint,

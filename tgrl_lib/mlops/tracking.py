@@ -87,6 +87,19 @@ def clean_params(config: Any, section: str | None = None) -> dict[str, str]:
     return params
 
 
+def numbers(report: Any, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a report (dict or pydantic model), flattened with '/'; bools become 0/1."""
+    if hasattr(report, "model_dump"):
+        report = report.model_dump()
+    out: dict[str, float] = {}
+    if isinstance(report, dict):
+        for key, value in report.items():
+            out.update(numbers(value, f"{prefix}{key}/"))
+    elif isinstance(report, bool | int | float) and prefix:
+        out[prefix.rstrip("/")] = float(report)
+    return out
+
+
 def dataset_sha256(root: str | Path) -> str | None:
     """Identity of a dataset directory: sha256 of its manifest.json (which lists every file's sha256)."""
     manifest = Path(root) / "manifest.json"
@@ -153,6 +166,34 @@ class RunHandle:
 
     def set_parent_tags(self, tags: dict[str, Any]) -> None:
         self.set_tags(tags, run_id=self.parent_run_id or self.run_id)
+
+    def parent(self) -> RunHandle:
+        """The pipeline's parent run (this run when it has none): what "compare" in the MLflow UI reads."""
+        return RunHandle(self.parent_run_id or self.run_id)
+
+    def describe_parent(self, name: str, params: dict[str, Any], tags: dict[str, Any] | None = None) -> None:
+        """Name the parent run (e.g. `tiny-cpu-tgrl-<id>`), log key `params` to it (params a user compares
+        pipeline runs by) and set `tags`."""
+        parent = self.parent()
+        parent.log_params(params)
+        parent.set_tags(tags or {})
+        with mlflow_errors(f"renaming run {parent.run_id}"):
+            self.client.set_tag(parent.run_id, "mlflow.runName", scrub(name)[:250])
+
+    def sibling_run_id(self, step: str) -> str | None:
+        """The newest finished run of `step` under the same parent (the train run of this pipeline run)."""
+        if self.parent_run_id is None:
+            return None
+        with mlflow_errors(f"finding the {step!r} run of parent {self.parent_run_id}"):
+            exp_id = self.client.get_run(self.run_id).info.experiment_id
+            query = (
+                f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`tgrl.step` = '{step}' "
+                "and attributes.status = 'FINISHED'"
+            )
+            runs = self.client.search_runs(
+                [exp_id], query, order_by=["attributes.start_time DESC"], max_results=1
+            )
+        return runs[0].info.run_id if runs else None
 
     def log_dataset_tags(self, datasets: dict[str, str | Path]) -> None:
         """`tgrl.dataset.<name>.sha256` per dataset directory and one `tgrl.dataset_sha256` over all."""
