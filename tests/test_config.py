@@ -117,3 +117,43 @@ def test_mixed_precision_no_survives_yaml():
     assert load_config(None, overrides=["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
     with pytest.raises(TgrlError, match="mixed_precision"):
         load_config(None, overrides=["train.mixed_precision=true"])
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("train:\n  steps: " + "9" * 5000 + "\n", "5000 digits"),
+        ("train: " + "[" * 20000 + "]" * 20000 + "\n", "nested too deeply"),
+    ],
+    ids=["5000-digit integer", "20k-deep YAML"],
+)
+def test_pathological_yaml_is_a_one_line_error_naming_the_file(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(TgrlError, match=words) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    path.write_text("train:\n  steps: " + "9" * 4 + "\n")  # control: the same key, a sane value
+    assert load_config(path).train.steps == 9999
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("train.steps=" + "9" * 5000, "cannot be read"),
+        ("train.steps=" + "[" * 3000 + "]" * 3000, "cannot be read"),
+        ("train.steps=true", "valid integer"),  # was 1 step
+        ("train.lr=1e30", "less than or equal to 1"),
+        ("train.sampling.temperature=1e-300", "at least 0.01"),  # was a torch traceback mid-run
+        ("train.sampling.max_new_tokens=100000000", "less than or equal to 32768"),
+        (
+            "train.mixing.n_expert=8",
+            "n_expert must be smaller than train.group_size",
+        ),  # tgrl train skipped it
+    ],
+)
+def test_out_of_range_training_values_are_refused_before_anything_runs(override, words):
+    with pytest.raises(TgrlError, match=words):
+        load_config(None, TrainConfig, [override], section="train")
+    sane = load_config(None, TrainConfig, ["steps=3", "lr=0.001", "mixing.n_expert=7"], section="train")
+    assert (sane.steps, sane.lr, sane.mixing.n_expert) == (3, 0.001, 7)  # control

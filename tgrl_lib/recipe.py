@@ -66,7 +66,7 @@ def _format_validation(err: ValidationError, source: str, model: type[BaseModel]
     elif first["type"] == "extra_forbidden":
         near = difflib.get_close_matches(str(first["loc"][-1]), _fields_at(model, first["loc"]), n=1)
         hint = f"; did you mean {'.'.join([*map(str, first['loc'][:-1]), near[0]])}?" if near else ""
-    return f"{source}: {loc}: {first['msg']}{more}{hint}"
+    return f"{source}: {loc + ': ' if loc else ''}{first['msg']}{more}{hint}"
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -93,11 +93,15 @@ def _parse_scalar(raw: str) -> Any:
         return ""
     try:
         return float(raw) if "e" in raw.lower() and not raw.strip().isalpha() else yaml.safe_load(raw)
-    except (ValueError, yaml.YAMLError):
+    except (ValueError, RecursionError, yaml.YAMLError):
         try:
             return yaml.safe_load(raw)
         except yaml.YAMLError:
             return raw
+        except (ValueError, RecursionError) as err:  # thousands of digits, thousands of brackets
+            raise TgrlError(
+                f"--set value {raw[:40]!r}... cannot be read ({str(err).split(';')[0]})"
+            ) from None
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +159,10 @@ def parse_yaml(text: str, source: Path | str = "<recipe>") -> dict[str, Any]:
         line = mark.line + 1 if mark is not None else None
         reason = getattr(err, "problem", None) or err
         raise TgrlError(f"invalid YAML ({reason})", path=source, line=line) from None
+    except RecursionError:
+        raise TgrlError("invalid YAML (nested too deeply)", path=source) from None
+    except ValueError as err:  # e.g. an integer of thousands of digits
+        raise TgrlError(f"invalid YAML value ({str(err).split(';')[0]})", path=source) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
