@@ -404,8 +404,8 @@ class PromoteConfig(StepConfig):
     primary_metric: str = Field("accuracy", description="Metric the gate compares (mean over benchmarks).")
     margin: float = Field(
         0.0,
-        ge=0.0,
-        description="Candidate must beat the champion (with none yet: its start model) by more than this.",
+        description="Candidate must beat the champion (with none yet: its start model) by more than this; "
+        "negative accepts one up to that much worse.",
     )
     max_regression: float = Field(0.05, ge=0.0, description="Largest allowed drop on any benchmark.")
     floor: float | None = Field(
