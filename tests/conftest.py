@@ -202,3 +202,17 @@ def fresh_mlflow_server(mlflow_store_uri, s3_endpoint, tmp_path):
     )
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def helm():
+    """The helm binary for the chart tests (skipped without it, a failure in CI, which installs it)."""
+    from infra_tools import find_helm
+
+    path = find_helm()
+    if path is None:
+        reason = "helm not found ($HELM, PATH, .tools/bin/helm): run scripts/install-tools.sh"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI runs it before the tests, so this is a broken setup)")
+        pytest.skip(reason)
+    return path

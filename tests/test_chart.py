@@ -39,7 +39,6 @@ from infra_tools import (
     by_kind,
     cli_args,
     containers,
-    find_helm,
     find_venv_tool,
     flag_value,
     helm_template,
@@ -60,17 +59,6 @@ CONTRACT = [  # the exact leading command line of the schedule Job (flag spellin
     "--experiment", "tgrl",
     "--max-concurrency", "1",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def helm():
-    path = find_helm()
-    if path is None:
-        reason = "helm not found ($HELM, PATH, .tools/bin/helm): run scripts/install-tools.sh"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI runs it before the tests, so this is a broken setup)")
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture(scope="module")

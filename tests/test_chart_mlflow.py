@@ -34,19 +34,8 @@ from chart_values import (
     pod_spec,
     render_chart,
 )
-from infra_tools import CHART_DIR, by_kind, cli_args, find_helm, flag_value, helm_template, run
+from infra_tools import CHART_DIR, by_kind, cli_args, flag_value, helm_template, run
 from tgrl_lib.kfp_pipelines.placement import MLFLOW_KEYS, MLFLOW_SECRET, S3_KEYS, S3_SECRET
-
-
-@pytest.fixture(scope="module")
-def helm():
-    path = find_helm()
-    if path is None:
-        reason = "helm not found ($HELM, PATH, .tools/bin/helm): run scripts/install-tools.sh"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI runs it before the tests, so this is a broken setup)")
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture(scope="module")
