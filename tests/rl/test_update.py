@@ -164,3 +164,18 @@ def test_visual_dependency_on_the_weighted_rows_only_equals_the_full_passes(
     if epochs > 1:
         mask = batch.seq.response_mask.bool()
         torch.testing.assert_close(batch.old_logprobs[mask], with_image[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_visual_dependency_with_no_row_to_weigh_leaves_weights_at_one(policy, make_groups):
+    """GRPO has no expert rows: with `apply_to: expert` the visual-dependency passes have nothing to score
+    (the row-restricted passes crashed on an empty batch in the GRPO baseline pipeline)."""
+    config = TrainConfig(algorithm="grpo", group_size=4, micro_batch_size=4, sampling={"max_new_tokens": 8},
+                         weighting={"kind": "visual_dependency", "apply_to": "expert"})  # fmt: skip
+    groups = make_groups(policy, [[1.0, 0.0, 0.0, 1.0]])
+    rewards = torch.tensor([[s.reward for s in g.samples] for g in groups])
+    batch = build_batch(policy.processor, groups, group_advantages(rewards), config.sampling.max_new_tokens)
+    prepare_batch(batch, policy.model, policy.processor, config)
+    assert torch.all(batch.token_weights[batch.seq.response_mask.bool()] == 1.0)
+    both = config.model_copy(update={"weighting": config.weighting.model_copy(update={"apply_to": "both"})})
+    prepare_batch(batch, policy.model, policy.processor, both)  # control: policy rows do get weights
+    assert batch.token_weights[batch.seq.response_mask.bool()].std() > 0

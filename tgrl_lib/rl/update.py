@@ -137,8 +137,11 @@ def prepare_batch(
         )
     if off_policy:
         batch.old_logprobs = logp_img
-    if kind == "visual_dependency":
-        rows = chosen.any(-1).nonzero().squeeze(-1)  # [R]  rows whose tokens get weights
+    rows = chosen.any(-1).nonzero().squeeze(-1)  # [R]  rows whose tokens get weights
+    if kind == "visual_dependency" and rows.numel() == 0:  # e.g. grpo with apply_to expert: nothing to weigh
+        logp_blank = torch.zeros(mask.shape, dtype=torch.float32)
+        logp_img = logp_blank if logp_img is None else logp_img
+    elif kind == "visual_dependency":
         if logp_img is None:
             logp_img = _rows_logprobs(model, batch.seq, rows, micro, temperature)
         fill = 0 if w.blank_fill == "black" else w.blank_fill
