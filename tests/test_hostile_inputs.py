@@ -736,7 +736,10 @@ def test_resume_never_runs_code_from_a_checkpoint(problems, tiny_model_dir, tmp_
     shutil.copytree(tiny_model_dir, ckpt)
     for part in ("optimizer", "scheduler", "rng"):
         torch.save({}, ckpt / f"{part}.pt")
-    config = load_config(None, TrainConfig, overrides, section="train").model_dump(mode="json")
+    from tgrl_lib.commands.eval import default_recipe  # what `tgrl train` reads without --config
+
+    recipe = default_recipe(None)
+    config = load_config(recipe, TrainConfig, overrides, section="train").model_dump(mode="json")
     (ckpt / STATE).write_text(json.dumps({"step": 1, "cursor": {}, "config": config}))
     (ckpt / COMPLETE).write_text("step 1\n")
     if damage == "runs_code":

@@ -95,11 +95,18 @@ def _run(args: argparse.Namespace) -> int:
     model = local_model(args.model, tracking_uri=args.tracking_uri)
     uri = args.tracking_uri or read_env("MLFLOW_TRACKING_URI")
     if uri:  # logged like a pipeline's evaluate step: a child run under a parent of its own
+        import logging
         import uuid
 
+        # no system-metrics monitor and no MLflow INFO chatter: a failing eval stays a one-line error
+        import mlflow  # noqa: F401  (its import sets its loggers to INFO: lower them after it)
+
+        from tgrl_lib.config import TrackingConfig
         from tgrl_lib.mlops.tracking import Tracker
 
-        tracker = Tracker(tracking_uri=uri, experiment=args.experiment)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        cfg = TrackingConfig(tracking_uri=uri, system_metrics=False)
+        tracker = Tracker(cfg, tracking_uri=uri, experiment=args.experiment)
         with tracker.step_run(uuid.uuid4().hex[:12], "eval", pipeline="tgrl-eval") as run:
             run.log_config(config, section="eval")
             run.log_params({"eval.model": args.model})
